@@ -1,0 +1,27 @@
+"""Exceptions raised by the library. Each carries a message meant for the person who gave the input."""
+
+
+class ExplainersError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class LayerNotFoundError(ExplainersError, KeyError):
+    """A layer name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BackboneError(ExplainersError):
+    """Unknown backbone name, or weights that cannot be found offline."""
+
+
+class ImageLoadError(ExplainersError):
+    """A file that cannot be used as a photo (missing, empty, truncated, not an image, too large)."""
+
+
+class UnknownTagError(ExplainersError, KeyError):
+    """A tag that maps to no classifier class."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
