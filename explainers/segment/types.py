@@ -1,0 +1,52 @@
+"""What the tags -> mask pipeline returns. Coordinates are pixels of the original (EXIF-upright) photo."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Polygon:
+    points: list[tuple[float, float]]   # (x, y) pixels, closed implicitly, at least 3 points
+    score: float
+
+
+@dataclass
+class Box:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+
+@dataclass
+class TagMask:
+    tag: str
+    mask: np.ndarray                    # (H, W) bool at the photo's original size
+    score: float                        # confidence that the tag is in the photo, 0..1
+    polygons: list[Polygon] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)   # one per connected component
+
+
+@dataclass
+class PhotoResult:
+    width: int
+    height: int
+    tags: list[TagMask]
+    cams: dict[str, np.ndarray] = field(default_factory=dict)   # tag -> (H, W) float32 in [0, 1]
+    timings: dict[str, float] = field(default_factory=dict)     # stage -> seconds
+
+    @property
+    def score(self) -> float:
+        """One number per photo for ordering (active learning): the mean tag score."""
+        return float(np.mean([t.score for t in self.tags])) if self.tags else 0.0

@@ -1,0 +1,59 @@
+"""Shared fixtures: real photos and real pretrained backbones, offline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explainers.device import set_cpu_threads
+
+REPO = Path(__file__).resolve().parents[1]
+HORSE_DIR = Path(os.environ.get("TAG2MASK_HORSE_DIR", REPO.parent / "shared" / "data" / "weizmann_horse"))
+
+set_cpu_threads()
+
+
+def horse_stems(split: str = "test") -> list[str]:
+    return (HORSE_DIR / f"split_{split}.txt").read_text().split()
+
+
+@pytest.fixture(scope="session")
+def horse_dir() -> Path:
+    if not (HORSE_DIR / "images").is_dir():
+        pytest.fail(f"the Weizmann horse photos are missing at {HORSE_DIR} (set TAG2MASK_HORSE_DIR)")
+    return HORSE_DIR
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from explainers import load_backbone
+
+    return load_backbone("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def mobilenet():
+    from explainers import load_backbone
+
+    return load_backbone("mobilenet_v2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    from skimage import data
+
+    return data.chelsea()
+
+
+@pytest.fixture(scope="session")
+def horse_photo(horse_dir):
+    """(photo RGB uint8, ground-truth bool mask) of one real test-split horse."""
+    from explainers.imageio import load_image
+    from PIL import Image
+
+    stem = horse_stems("test")[0]
+    img = load_image(horse_dir / "images" / f"{stem}.jpg")
+    mask = np.asarray(Image.open(horse_dir / "masks" / f"{stem}.png")) > 0
+    return img, mask
