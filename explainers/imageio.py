@@ -42,30 +42,40 @@ def load_image(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str |
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(source)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageLoadError(f"{label}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                                     "(TAG2MASK_MAX_PIXELS)")
-            img.load()
-            img = ImageOps.exif_transpose(img)
+            with Image.open(source) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(f"{label}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+                                         "(TAG2MASK_MAX_PIXELS)")
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+                return to_rgb(upright)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"{label}: refused as a decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{label}: not an image (format not recognised)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"{label}: unreadable or truncated image ({exc})") from exc
-    return to_rgb(img)
+    except MemoryError as exc:
+        raise ImageLoadError(f"{label}: too large to decode in memory") from exc
+    except Exception as exc:  # a malformed file can break a decoder or the EXIF parser in any way
+        raise ImageLoadError(f"{label}: cannot decode ({type(exc).__name__}: {exc})") from exc
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8 RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode.startswith("I;16"):
+        # 16-bit samples always span 0..65535: scale by 255/65535 (a dark photo stays dark).
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.rint(arr * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.mode == "I":
+        # 32-bit integers (some 16-bit files open this way): 16-bit range when above 255, else 8-bit.
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() if arr.size else 1.0
-        arr = (arr / (65535.0 if hi > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
+        arr = np.rint(arr / (65535.0 if hi > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
