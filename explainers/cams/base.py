@@ -86,15 +86,17 @@ class BaseCAM:
             scores = target_scores(logits, mask)
             acts = [rec[name] for name in self.target_layers]
             grads = self._gradients(scores, acts) if self.needs_gradients else [None] * len(acts)
-            fused = None
-            for name, act, grad in zip(self.target_layers, acts, grads):
-                ctx = LayerContext(self.model, name, x.detach(), logits.detach(), mask, scores.detach())
-                with torch.no_grad():
-                    layer = self.layer_map(act.detach(), grad, ctx)
-                    layer = F.interpolate(layer, size=output_size, mode="bilinear", align_corners=False)
-                    if len(self.target_layers) > 1:
-                        layer = minmax(layer)  # each layer counts equally in the fusion
-                    fused = layer if fused is None else fused + layer
+            acts = [a.detach() for a in acts]
+        # the hooks are gone here: methods that run the model again (Score-CAM) record nothing
+        fused = None
+        for name, act, grad in zip(self.target_layers, acts, grads):
+            ctx = LayerContext(self.model, name, x.detach(), logits.detach(), mask, scores.detach())
+            with torch.no_grad():
+                layer = self.layer_map(act, grad, ctx)
+                layer = F.interpolate(layer, size=output_size, mode="bilinear", align_corners=False)
+                if len(self.target_layers) > 1:
+                    layer = minmax(layer)  # each layer counts equally in the fusion
+                fused = layer if fused is None else fused + layer
         with torch.no_grad():
             maps = fused / len(self.target_layers)
             if normalize:
