@@ -1,0 +1,253 @@
+"""The ML backend model, shaped like Label Studio's ``LabelStudioMLBase`` (setup / predict / fit).
+
+Public API::
+
+    model = Tag2MaskModel(settings=None, project_id=None, label_config=None)
+    model.setup()                          # parses label_config (LabelConfigError if unusable)
+    model.model_version                    # str, stable per settings: what /setup returns
+    model.predict(tasks, context=None, **kw) -> list[dict]   # one prediction per task, in order
+    model.fit(event, data, **kw) -> dict                     # records training events (events.jsonl)
+    get_engine(settings) -> (Tag2Mask, threading.Lock)       # one engine per process, loaded once
+    choose_tags(task, config) -> list[str] | None            # the human Choices of the latest annotation
+
+Tags for a task: when the task has a human annotation (most recent by updated/created time, not
+cancelled) with Choices on the Image, those labels are the tags. Otherwise the classifier picks: the
+config's labels whose ``tag_scores`` >= TAG2MASK_THRESHOLD (best first, at most TAG2MASK_MAX_TAGS);
+when none passes, the single best label is used anyway (a low-confidence pre-annotation is still a
+useful start, and its low score sorts it first for review). Labels the engine cannot map
+(UnknownTagError) are left out, with a warning once per config.
+
+A task that fails (image unreadable, not allowed, no usable tag) becomes
+``{"model_version": v, "score": 0.0, "error": "<reason>"}`` -- no "result", so Label Studio skips it --
+and the batch goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from backend.image_fetch import ImageFetcher, ImageFetchError
+from backend.label_config import LabelConfig, LabelConfigError, parse_label_config
+from backend.ls_results import make_prediction
+from backend.settings import Settings
+
+__all__ = ["Tag2MaskModel", "get_engine", "engine_loaded", "choose_tags", "TRAINING_EVENTS", "VERSION",
+           "EventLog"]
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+TRAINING_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING"})
+
+_ENGINE_LOCK = threading.Lock()        # guards loading
+_INFER_LOCK = threading.Lock()         # serialises inference (shared model, CPU)
+_ENGINE = None
+_ENGINE_KEY = None
+
+
+def _engine_key(s: Settings) -> tuple:
+    return (s.backbone, s.preset, s.device)
+
+
+def get_engine(settings: Settings):
+    """The process's Tag2Mask for these settings (loaded on first call) and the inference lock."""
+    global _ENGINE, _ENGINE_KEY
+    key = _engine_key(settings)
+    if _ENGINE is None or _ENGINE_KEY != key:
+        with _ENGINE_LOCK:
+            if _ENGINE is None or _ENGINE_KEY != key:
+                t = time.perf_counter()
+                from explainers.device import set_cpu_threads
+                from explainers.segment import PipelineConfig, Tag2Mask
+
+                if os.environ.get("TAG2MASK_THREADS"):
+                    set_cpu_threads()
+                engine = Tag2Mask(backbone=settings.backbone, config=PipelineConfig.preset(settings.preset),
+                                  device=settings.device)
+                _ENGINE, _ENGINE_KEY = engine, key
+                log.info("model loaded: %s / %s on %s in %.1f s", settings.backbone, settings.preset,
+                         settings.device, time.perf_counter() - t)
+    return _ENGINE, _INFER_LOCK
+
+
+def engine_loaded(settings: Settings | None = None) -> bool:
+    return _ENGINE is not None and (settings is None or _ENGINE_KEY == _engine_key(settings))
+
+
+def _when(ann: dict) -> str:
+    return str(ann.get("updated_at") or ann.get("created_at") or "")
+
+
+def choose_tags(task: dict, config: LabelConfig) -> list[str] | None:
+    """Label values from the Choices of the task's most recent non-cancelled annotation, or None."""
+    anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not anns:
+        return None
+    anns.sort(key=lambda a: (_when(a), a.get("id") or 0))
+    choices_names = {c.from_name: c for c in config.choices_controls}
+    for ann in reversed(anns):
+        tags: list[str] = []
+        for item in ann.get("result") or []:
+            if item.get("type") != "choices" or item.get("to_name") != config.image_name:
+                continue
+            control = choices_names.get(item.get("from_name"))
+            for value in (item.get("value") or {}).get("choices") or []:
+                label = control.match(value) if control else value
+                if label and label not in tags:
+                    tags.append(label)
+        if tags:
+            return tags
+    return None
+
+
+class EventLog:
+    """Append-only JSONL file of training events (one JSON object per line; safe across processes)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+
+class Tag2MaskModel:
+    """Tags -> masks/polygons/boxes for a Label Studio project (one instance per project/config)."""
+
+    def __init__(self, settings: Settings | None = None, project_id: str | None = None,
+                 label_config: str | None = None, hostname: str | None = None, access_token: str | None = None,
+                 fetcher: ImageFetcher | None = None):
+        self.settings = settings or Settings.from_env()
+        self.project_id = project_id
+        self.label_config = label_config
+        self.hostname = hostname
+        self.access_token = access_token
+        self.fetcher = fetcher or ImageFetcher(self.settings)
+        self.parsed: LabelConfig | None = None
+        self._unknown_warned: set[str] = set()
+
+    # -- LabelStudioMLBase-like ------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        s = self.settings
+        return s.model_version or f"tag2mask-{VERSION}-{s.backbone}-{s.preset}"
+
+    def setup(self) -> None:
+        """Parse the labeling config (when one is given); raises LabelConfigError if it is unusable."""
+        if self.label_config:
+            self.parsed = parse_label_config(self.label_config)
+
+    def use_label_config(self, label_config: str | None) -> LabelConfig:
+        if label_config and label_config != self.label_config:
+            self.label_config = label_config
+            self.parsed = None
+        if self.parsed is None:
+            if not self.label_config:
+                raise LabelConfigError("no labeling config: call /setup first or send label_config")
+            self.parsed = parse_label_config(self.label_config)
+        return self.parsed
+
+    # -- predict ---------------------------------------------------------------------------------
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        """One prediction dict per task, in order; a failed task gets an entry without "result"."""
+        config = self.use_label_config(kwargs.get("label_config"))
+        out = []
+        for task in tasks:
+            try:
+                out.append(self.predict_one(task, config))
+            except Exception as exc:  # noqa: BLE001 - one bad task never sinks the batch
+                reason = str(exc) if isinstance(exc, (ImageFetchError, LabelConfigError, ValueError, KeyError)) \
+                    or type(exc).__module__.startswith("explainers") else f"internal error ({type(exc).__name__})"
+                tid = task.get("id") if isinstance(task, dict) else None
+                if reason.startswith("internal error"):
+                    log.exception("task %s failed", tid)
+                else:
+                    log.warning("task %s failed: %s", tid, reason)
+                out.append({"model_version": self.model_version, "score": 0.0, "error": reason})
+        return out
+
+    def _usable_labels(self, engine, config: LabelConfig, extra: dict) -> list[str]:
+        from explainers.errors import UnknownTagError
+
+        usable = []
+        for label in config.labels:
+            try:
+                engine.class_set(label)
+                usable.append(label)
+            except UnknownTagError as exc:
+                if label not in self._unknown_warned:
+                    self._unknown_warned.add(label)
+                    log.warning("label %r maps to no classifier class; it will not be predicted (%s). "
+                                "Add predicted_values=\"class a,class b\" to the <Label>/<Choice>.", label, exc)
+        return usable
+
+    def predict_one(self, task: dict, config: LabelConfig) -> dict:
+        if not isinstance(task, dict):
+            raise ValueError("a task must be a JSON object")
+        data = task.get("data") or {}
+        url = data.get(config.image_key)
+        if not url:
+            raise ValueError(f"task data has no {config.image_key!r} field")
+        image = self.fetcher.load(url, task_id=task.get("id"), ls_url=self.hostname, api_key=self.access_token)
+        human = choose_tags(task, config)
+        extra = {label: names for label, names in config.tag_queries().items() if names}
+        engine, lock = get_engine(self.settings)
+        with lock:
+            engine.tag_extra = extra or None
+            usable = self._usable_labels(engine, config, extra)
+            if human is not None:
+                tags = [t for t in human if t in usable]
+                if not tags:
+                    raise ValueError(f"the annotated tags {human} map to no classifier class")
+            else:
+                if not usable:
+                    raise ValueError("no label of the labeling config maps to a classifier class")
+                scores = engine.tag_scores(image, usable)
+                ranked = sorted(usable, key=lambda t: -scores[t])
+                tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]
+                tags = tags or ranked[:1]
+            photo = engine.predict(image, tags)
+        log.info("task %s: tags %s (from %s)", task.get("id"), tags, "annotation" if human is not None else "classifier")
+        return make_prediction(photo, config, self.model_version)
+
+    # -- fit -------------------------------------------------------------------------------------
+    def fit(self, event: str, data: dict, **kwargs) -> dict:
+        """Record a training event for a later retraining step; nothing is trained here yet."""
+        if event not in TRAINING_EVENTS:
+            return {"status": "ignored", "action": event}
+        project = data.get("project") if isinstance(data, dict) else None
+        task = data.get("task") if isinstance(data, dict) else None
+        record: dict[str, Any] = {
+            "received_at": datetime.now(timezone.utc).isoformat(),
+            "action": event,
+            "project": project.get("id") if isinstance(project, dict) else project,
+            "model_version": self.model_version,
+        }
+        if isinstance(task, dict):
+            record["task"] = {"id": task.get("id"), "data": task.get("data")}
+        if isinstance(data, dict) and isinstance(data.get("annotation"), dict):
+            record["annotation"] = data["annotation"]
+        EventLog(self.settings.events_path).append(record)
+        return {"status": "recorded", "action": event}

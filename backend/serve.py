@@ -1,0 +1,71 @@
+"""Run the backend under gunicorn: ``serve(host, port, workers, threads)`` or ``python -m backend.serve``.
+
+Each gunicorn worker builds its own app (``backend.server.create_app``) after the fork, so each
+process loads the model once (no torch state crosses a fork) and shares it between its threads.
+
+    python -m backend.serve --host 0.0.0.0 --port 9090 --workers 1 --threads 4
+
+Defaults come from the environment (WORKERS, THREADS, LOG_LEVEL; see backend.settings).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from backend.settings import Settings
+
+__all__ = ["serve", "main", "DEFAULT_PORT"]
+
+DEFAULT_PORT = 9090
+
+
+def serve(host: str = "0.0.0.0", port: int = DEFAULT_PORT, workers: int | None = None, threads: int | None = None,
+          settings: Settings | None = None, timeout: int = 300) -> None:
+    """Serve the app with gunicorn (gthread workers) until stopped; blocks."""
+    from gunicorn.app.base import BaseApplication
+
+    settings = settings or Settings.from_env()
+    workers = int(workers or settings.workers)
+    threads = int(threads or settings.threads)
+
+    class _App(BaseApplication):
+        def load_config(self):
+            cfg = {
+                "bind": f"{host}:{int(port)}",
+                "workers": workers,
+                "threads": threads,
+                "worker_class": "gthread",
+                "timeout": timeout,            # a /predict batch on CPU can take a while
+                "graceful_timeout": 10,
+                "loglevel": settings.log_level.lower(),
+                "accesslog": "-" if settings.log_level.upper() == "DEBUG" else None,
+                "errorlog": "-",
+                "preload_app": False,
+                # gunicorn >= 24 opens a control socket at a fixed path (~/.gunicorn/gunicorn.ctl):
+                # several servers on one machine would fight over it, and nothing here uses it
+                "control_socket_disable": True,
+            }
+            for key, value in cfg.items():
+                if value is not None and key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            from backend.server import create_app
+
+            return create_app(settings)
+
+    _App().run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m backend.serve", description="Serve the tag2mask ML backend.")
+    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    serve(a.host, a.port, a.workers, a.threads)
+
+
+if __name__ == "__main__":
+    main()
