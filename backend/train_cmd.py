@@ -1,0 +1,395 @@
+"""``tag2mask train`` and ``tag2mask models``: offline training into the model registry, and its management.
+
+    tag2mask train --ls-export EXPORT.json --images-root DIR [--project P] [--label-config FILE]
+    tag2mask train --images DIR --masks DIR --tag NAME [--split FILE] [--limit N] [--project P]
+        common: [--no-promote] [--force] [--model-dir DIR] [--json] [--backbone B] [--device D] [-q]
+    tag2mask models list [--project P] [--json]
+    tag2mask models promote PROJECT VERSION [--force]
+    tag2mask models rollback PROJECT
+
+Both ``train`` forms produce the same registry entries as the background training
+(:func:`backend.training_jobs.train_and_register`: a new version with validation scores, promoted
+unless its validation regresses against the current one, or ``--no-promote``).
+
+``--ls-export``: Label Studio's JSON export (a list of tasks with their ``annotations``). Per task the
+most recent non-cancelled annotation is the example (Choices -> tags, brush RLE / polygons -> masks,
+rectangles -> boxes; see :mod:`backend.examples`). Photos are looked up under ``--images-root``:
+``/data/local-files/?d=a/b.jpg`` -> ``DIR/a/b.jpg`` (or ``DIR/b.jpg``); ``/data/upload/3/1a2b3c4d-b.jpg``
+-> ``DIR/3/1a2b3c4d-b.jpg``, ``DIR/1a2b3c4d-b.jpg`` or ``DIR/b.jpg``; any URL or path -> the same
+relative path or its file name under DIR. Nothing outside DIR is read. ``--project`` defaults to the
+export's project id (when all tasks agree).
+
+``--images/--masks``: photos and same-stem masks (non-zero = the object) give one label, ``--tag``.
+``--project`` defaults to the tag.
+
+Exit status: 0 trained (promoted or not: the line says which) / command done, 1 some photos were
+left out (listed) or a promotion was refused / nothing to roll back, 2 usage errors (missing files,
+unknown project or version, nothing to train on). ``--model-dir`` defaults to ``$MODEL_DIR``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+__all__ = ["add_parsers", "cmd_train", "cmd_models", "examples_from_export", "resolve_export_image"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class TrainUsageError(Exception):
+    """A usage mistake in ``train`` / ``models``: one line on stderr, exit status 2."""
+
+
+def _usage(message: str) -> TrainUsageError:
+    return TrainUsageError(message)
+
+
+def _reporting_usage(func):
+    """Run a command; a TrainUsageError becomes ``tag2mask: error: ...`` and exit status 2 (handled
+    here, so it works whichever way backend.cli was imported, e.g. ``python -m backend.cli``)."""
+    def run(args) -> int:
+        try:
+            return func(args)
+        except TrainUsageError as exc:
+            print(f"tag2mask: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    run.__name__, run.__doc__ = func.__name__, func.__doc__
+    return run
+
+
+def _registry(args):
+    from backend.registry import ModelRegistry
+    from backend.settings import Settings
+
+    model_dir = Path(args.model_dir) if args.model_dir else Settings.from_env().model_dir
+    return ModelRegistry.in_model_dir(model_dir)
+
+
+# -- Label Studio export ------------------------------------------------------------------------------
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    rel = rel.lstrip("/")
+    if not rel or any(part == ".." for part in Path(rel).parts):
+        return None
+    p = (root / rel).resolve()
+    return p if p.is_file() and p.is_relative_to(root) else None
+
+
+def resolve_export_image(ref: str, root: Path) -> Path | None:
+    """A task's image reference -> an existing file under `root` (None when not found there)."""
+    if not isinstance(ref, str) or not ref.strip():
+        return None
+    root = Path(root).resolve()
+    ref = ref.strip()
+    parsed = urlparse(ref)
+    candidates: list[str] = []
+    if "/data/local-files" in parsed.path:
+        d = parse_qs(parsed.query).get("d")
+        if d:
+            candidates.append(unquote(d[-1]))
+    path = unquote(parsed.path)
+    if "/data/upload/" in path or path.startswith(("upload/", "/upload/")):
+        rel = path.split("upload/", 1)[1]
+        candidates.append(rel)
+    if parsed.scheme in ("s3", "gs", "azure-blob"):
+        candidates.append(parsed.netloc + path)
+        candidates.append(path)
+    elif "/data/" not in path:
+        candidates.append(path)
+    names = []
+    for c in candidates:
+        name = Path(c).name
+        names.append(name)
+        if _UPLOAD_PREFIX.match(name):
+            names.append(_UPLOAD_PREFIX.sub("", name, count=1))
+    for rel in [*candidates, *names]:
+        found = _inside(root, rel)
+        if found is not None:
+            return found
+    return None
+
+
+def _latest_annotation(task: dict) -> dict | None:
+    anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")
+            and a.get("result")]
+    if not anns:
+        return None
+    anns.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id") or "")))
+    return anns[-1]
+
+
+def examples_from_export(tasks: list, project: str, config=None) -> tuple[list, list[tuple[str, str]]]:
+    """Export tasks -> (Examples, [(task, why it was left out)])."""
+    from backend.examples import example_from_annotation
+
+    examples, errors = [], []
+    for task in tasks:
+        if not isinstance(task, dict):
+            errors.append(("?", "a task is not a JSON object"))
+            continue
+        tid = str(task.get("id"))
+        ann = _latest_annotation(task)
+        if ann is None:
+            errors.append((tid, "no annotation (or only skipped/empty ones)"))
+            continue
+        if ann.get("id") is None:
+            ann = {**ann, "id": f"task{tid}"}
+        try:
+            ex = example_from_annotation(ann, task, config, project)
+        except ValueError as exc:
+            errors.append((tid, str(exc)))
+            continue
+        if ex is None or not (ex.tags or ex.masks or ex.boxes):
+            errors.append((tid, "the annotation has no tag, mask or box on the image"))
+            continue
+        examples.append(ex)
+    return examples, errors
+
+
+def _export_samples(args, progress) -> tuple[list, list[tuple[str, str]], str, dict]:
+    from backend.label_config import LabelConfigError, parse_label_config
+    from explainers.imageio import load_image
+
+    path = Path(args.ls_export)
+    if not path.is_file():
+        raise _usage(f"--ls-export {path}: no such file")
+    root = Path(args.images_root or ".")
+    if not root.is_dir():
+        raise _usage(f"--images-root {root}: no such folder")
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _usage(f"--ls-export {path}: not JSON ({exc})") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise _usage(f"--ls-export {path}: expected a list of tasks (Label Studio's JSON export)")
+    config = None
+    if args.label_config:
+        try:
+            config = parse_label_config(Path(args.label_config).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise _usage(f"--label-config {args.label_config}: {exc.strerror or exc}") from None
+        except LabelConfigError as exc:
+            raise _usage(f"--label-config {args.label_config}: {exc}") from None
+    project = args.project
+    if project is None:
+        ids = {str((t.get("project") if isinstance(t, dict) else None)) for t in tasks}
+        ids.discard("None")
+        if len(ids) != 1:
+            raise _usage("--project is needed: the export's tasks name " +
+                         (f"several projects ({', '.join(sorted(ids))})" if ids else "no project"))
+        project = ids.pop()
+    examples, errors = examples_from_export(tasks, project, config)
+    samples = []
+    for ex in examples:
+        found = resolve_export_image(ex.image or "", root)
+        if found is None:
+            errors.append((str(ex.task_id), f"photo {ex.image!r} not found under {root}"))
+            continue
+        samples.append(ex.to_sample(load=progress(lambda p=found: load_image(p))))
+    return samples, errors, str(project), {"source": f"ls-export:{path.name}"}
+
+
+def _folder_samples(args, progress) -> tuple[list, list[tuple[str, str]], str, dict]:
+    from backend.eval_cmd import find_pairs, load_mask
+    from explainers.imageio import load_image
+    from explainers.training import Sample
+
+    if not args.masks or not args.tag:
+        raise _usage("--images needs --masks DIR and --tag NAME")
+    try:
+        pairs, errs = find_pairs(args.images, args.masks, split=args.split, limit=args.limit)
+    except FileNotFoundError as exc:
+        raise _usage(str(exc)) from None
+    tag = args.tag.strip()
+    samples = [Sample(key=stem, tags=[tag], masks={tag: load_mask(mask)}, load=progress(lambda p=image: load_image(p)),
+                      photo_key=str(image)) for stem, image, mask in pairs]
+    return samples, [(e.path, e.error) for e in errs], args.project or tag, {"source": f"folders:{Path(args.images).name}"}
+
+
+@_reporting_usage
+def cmd_train(args) -> int:
+    from backend.registry import project_dirname
+
+    if bool(args.ls_export) == bool(args.images):
+        raise _usage("give either --ls-export EXPORT.json --images-root DIR, or --images DIR --masks DIR --tag NAME")
+    if args.project is not None:
+        try:
+            project_dirname(args.project)
+        except ValueError as exc:
+            raise _usage(f"--project: {exc}") from None
+    bar = None
+
+    def progress(load):
+        def wrapped():
+            try:
+                return load()
+            finally:
+                if bar is not None:
+                    bar.update(1)
+        return wrapped
+
+    samples, errors, project, meta = (_export_samples if args.ls_export else _folder_samples)(args, progress)
+    try:
+        project_dirname(project)
+    except ValueError as exc:
+        raise _usage(f"project: {exc} (give --project)") from None
+    for where, why in errors:
+        print(f"tag2mask: skipped {where}: {why}", file=sys.stderr)
+    if len(samples) < 2:
+        raise _usage(f"{len(samples)} usable example(s); training needs at least 2")
+
+    from backend.cli import _setup_torch
+    from backend.training_jobs import train_and_register
+    from explainers.backbones import load_backbone
+    from explainers.errors import BackboneError
+
+    _setup_torch(args)
+    try:
+        backbone = load_backbone(args.backbone, args.device)
+    except BackboneError as exc:
+        raise _usage(str(exc)) from None
+    except RuntimeError as exc:
+        raise _usage(f"cannot use device {args.device!r}: {exc}") from None
+    config = {"val_fraction": args.val_fraction}
+    if args.seg_epochs is not None:
+        config["seg_epochs"] = args.seg_epochs
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(samples), desc="loading photos", unit="photo", file=sys.stderr)
+    try:
+        from explainers.errors import ExplainersError
+
+        report = train_and_register(samples, project, _registry(args), backbone, config=config,
+                                    promote=not args.no_promote, force=args.force, trigger="cli",
+                                    extra_meta={**meta, "device": str(backbone.device)})
+    except (ValueError, ExplainersError) as exc:
+        raise _usage(f"cannot train: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    skipped = report["counts"].get("skipped") or {}
+    for key, why in skipped.items():
+        print(f"tag2mask: photo of {key} left out: {why}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        v = report["validation"]
+        scores = ", ".join(f"{k} {v[k]:.3f}" for k in ("map", "f1", "fg_iou") if isinstance(v.get(k), float))
+        state = "promoted" if report["promoted"] else f"not promoted ({report['reason']})"
+        print(f"project {project}: {report['version']} trained on {report['counts']['train']} example(s), "
+              f"validated on {report['counts']['val']} ({scores or 'no scores'}) in "
+              f"{report['seconds'].get('total', 0):.1f} s; {state}; current: {report['current']}")
+    return EXIT_FAILED if (errors or skipped) else EXIT_OK
+
+
+# -- models -------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+@_reporting_usage
+def cmd_models(args) -> int:
+    from backend.registry import RegistryError
+
+    reg = _registry(args)
+    try:
+        if args.models_command == "list":
+            projects = [args.project] if args.project else reg.projects()
+            rows = {p: reg.list(p) for p in projects}
+            if args.project and not rows[args.project]:
+                raise _usage(f"project {args.project}: no models in {reg.root}")
+            if args.json:
+                print(json.dumps(rows, indent=1, default=str))
+                return EXIT_OK
+            if not projects:
+                print(f"no models in {reg.root}")
+            for p, metas in rows.items():
+                print(f"project {p}:")
+                for m in metas:
+                    v = m.get("validation") or {}
+                    c = m.get("counts") or {}
+                    promo = m.get("promotion") or {}
+                    note = "" if not promo or promo.get("promoted") else f"  refused: {promo.get('reason')}"
+                    print(f"  {'*' if m.get('current') else ' '} {m['version']:<5} {str(m.get('created', ''))[:19]:<19} "
+                          f"labels={','.join(m.get('labels') or [])} train={c.get('train', '-')} val={c.get('val', '-')} "
+                          f"map={_fmt(v.get('map'))} f1={_fmt(v.get('f1'))} fg_iou={_fmt(v.get('fg_iou'))} "
+                          f"parent={m.get('parent') or '-'}{note}")
+            return EXIT_OK
+        if args.models_command == "promote":
+            if args.version not in reg.versions(args.project):
+                raise _usage(f"project {args.project}: no version {args.version} "
+                             f"(have: {', '.join(reg.versions(args.project)) or 'none'})")
+            p = reg.promote(args.project, args.version, force=args.force)
+            print(f"project {args.project}: {args.version} " + ("promoted" if p.promoted else "not promoted") +
+                  f" ({p.reason}); current: {reg.current(args.project)}")
+            return EXIT_OK if p.promoted or p.reason == "already current" else EXIT_FAILED
+        if args.models_command == "rollback":
+            if not reg.versions(args.project):
+                raise _usage(f"project {args.project}: no models in {reg.root}")
+            before = reg.current(args.project)
+            try:
+                now = reg.rollback(args.project)
+            except RegistryError as exc:
+                print(f"tag2mask: error: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"project {args.project}: rolled back from {before} to {now}")
+            return EXIT_OK
+    except ValueError as exc:   # a project name that cannot be a folder
+        raise _usage(str(exc)) from None
+    except RegistryError as exc:
+        raise _usage(str(exc)) from None
+    raise _usage("choose a models command: list, promote or rollback")
+
+
+# -- parsers ------------------------------------------------------------------------------------------
+def add_parsers(sub, model_options, progress_option) -> None:
+    """Add ``train`` and ``models`` to the CLI's subparsers (called by backend.cli.build_parser)."""
+    p = sub.add_parser("train", help="train a project's heads offline (Label Studio export or photo+mask folders)",
+                       description="Train a project's classifier and segmentation heads on corrected examples "
+                                   "and save them as a new registry version (promoted unless validation "
+                                   "regresses). Sources: a Label Studio JSON export with its photos, or "
+                                   "photo + mask folders for one tag.")
+    src = p.add_argument_group("from a Label Studio JSON export")
+    src.add_argument("--ls-export", metavar="EXPORT.json")
+    src.add_argument("--images-root", metavar="DIR", help="folder the export's photos are found under")
+    src.add_argument("--label-config", metavar="FILE", help="the project's labeling config (XML), to match labels")
+    src = p.add_argument_group("from photo and mask folders")
+    src.add_argument("--images", metavar="DIR")
+    src.add_argument("--masks", metavar="DIR")
+    src.add_argument("--tag", metavar="NAME", help="the label the masks show")
+    src.add_argument("--split", metavar="FILE", help="file listing the photo stems to use (default: all)")
+    src.add_argument("--limit", type=int, metavar="N", help="only the first N photos")
+    p.add_argument("--project", metavar="P", help="registry project (default: the export's project / the tag)")
+    p.add_argument("--no-promote", action="store_true", help="save the version without promoting it")
+    p.add_argument("--force", action="store_true", help="promote even if validation regresses")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation (0.2)")
+    p.add_argument("--seg-epochs", type=int, default=None, help="segmentation head epochs (default 40)")
+    p.add_argument("--model-dir", metavar="DIR", help="default: $MODEL_DIR or ./model_dir")
+    p.add_argument("--json", action="store_true", help="print the training report as JSON")
+    model_options(p, preset=False)
+    progress_option(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list, promote or roll back a project's trained models")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    msub.required = True
+    q = msub.add_parser("list", help="versions with their validation scores (* = current)")
+    q.add_argument("--project", metavar="P")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("promote", help="make a version current (refused if validation regresses)")
+    q.add_argument("project", metavar="PROJECT")
+    q.add_argument("version", metavar="VERSION")
+    q.add_argument("--force", action="store_true", help="promote even if validation regresses")
+    q = msub.add_parser("rollback", help="go back to the previously promoted version")
+    q.add_argument("project", metavar="PROJECT")
+    for q in msub.choices.values():
+        q.add_argument("--model-dir", metavar="DIR", help="default: $MODEL_DIR or ./model_dir")
+    p.set_defaults(func=cmd_models)

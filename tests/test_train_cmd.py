@@ -1,0 +1,98 @@
+"""``tag2mask train`` (photo+mask folders, Label Studio export) and ``tag2mask models`` on real horses."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import horse_stems
+from ls_payloads import ls_export
+
+from backend.cli import main
+from backend.registry import ModelRegistry
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("TAG2MASK_THREADS", "1")
+
+
+def test_train_from_folders_then_models_list_promote_rollback(tmp_path, horse_dir, capsys):
+    md = tmp_path / "md"
+    rc = main(["train", "--images", str(horse_dir / "images"), "--masks", str(horse_dir / "masks"), "--tag", "horse",
+               "--split", str(horse_dir / "split_train.txt"), "--limit", "12", "--model-dir", str(md), "-q",
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "project horse: v1 trained on" in out and "promoted" in out
+    reg = ModelRegistry.in_model_dir(md)
+    meta = reg.list("horse")[0]
+    assert meta["current"] and meta["labels"] == ["horse"] and meta["counts"]["train"] + meta["counts"]["val"] == 12
+    assert meta["validation"]["fg_iou"] > 0.6 and meta["source"].startswith("folders:")
+
+    # a second version from 3 photos: saved but (--no-promote) not current
+    rc = main(["train", "--images", str(horse_dir / "images"), "--masks", str(horse_dir / "masks"), "--tag", "horse",
+               "--limit", "3", "--model-dir", str(md), "-q", "--device", "cpu", "--no-promote", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["version"] == "v2" and not report["promoted"] and report["current"] == "v1"
+
+    assert main(["models", "list", "--model-dir", str(md)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0] == "project horse:" and listing[1].lstrip().startswith("* v1") and "v2" in listing[2]
+    assert main(["models", "list", "--project", "horse", "--json", "--model-dir", str(md)]) == 0
+    assert [m["version"] for m in json.loads(capsys.readouterr().out)["horse"]] == ["v1", "v2"]
+
+    assert main(["models", "promote", "horse", "v2", "--force", "--model-dir", str(md)]) == 0
+    assert reg.current("horse") == "v2" and "promoted" in capsys.readouterr().out
+    assert main(["models", "rollback", "horse", "--model-dir", str(md)]) == 0
+    assert reg.current("horse") == "v1"
+    assert main(["models", "rollback", "horse", "--model-dir", str(md)]) == 1       # nothing earlier
+    assert main(["models", "promote", "horse", "v9", "--model-dir", str(md)]) == 2
+    assert main(["models", "list", "--project", "nope", "--model-dir", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert "no earlier promoted version" in err and "no version v9" in err and "project nope" in err
+
+
+def test_train_from_label_studio_export(tmp_path, horse_dir, capsys):
+    stems = horse_stems("train")[:8]
+    tasks = ls_export(horse_dir, stems, image_prefix="/data/local-files/?d=horses/")    # resolved by file name
+    tasks[1]["data"]["image"] = f"/data/upload/3/1a2b3c4d-{stems[1]}.jpg"                # an uploaded photo
+    tasks.append({"id": 990, "project": 3, "data": {"image": "/data/upload/3/ffffffff-missing.jpg"},
+                  "annotations": [dict(tasks[0]["annotations"][0], id=77)]})            # its photo is not there
+    tasks.append({"id": 991, "project": 3, "data": {"image": tasks[0]["data"]["image"]},
+                  "annotations": [dict(tasks[0]["annotations"][0], id=78, was_cancelled=True)]})   # skipped
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    md = tmp_path / "md"
+    rc = main(["train", "--ls-export", str(export), "--images-root", str(horse_dir / "images"),
+               "--model-dir", str(md), "-q", "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err             # trained, but two tasks were left out (listed)
+    report = json.loads(captured.out)
+    assert report["project"] == "3" and report["version"] == "v1" and report["promoted"]
+    assert report["counts"]["train"] + report["counts"]["val"] == 8
+    assert report["labels"] == ["horse"] and report["validation"]["fg_iou"] > 0.5
+    assert "skipped 990: photo" in captured.err and "missing.jpg" in captured.err
+    assert "skipped 991: no annotation" in captured.err
+    meta = ModelRegistry.in_model_dir(md).meta("3", "v1")
+    assert meta["source"] == "ls-export:export.json" and meta["trigger"] == "cli"
+
+    # photos outside the images root are never read
+    tasks[0]["data"]["image"] = "/data/local-files/?d=../masks/" + stems[0] + ".png"
+    from backend.train_cmd import resolve_export_image
+
+    assert resolve_export_image(tasks[0]["data"]["image"], horse_dir / "images") is None
+    assert resolve_export_image(f"s3://bucket/x/{stems[2]}.jpg", horse_dir / "images").name == f"{stems[2]}.jpg"
+
+
+def test_train_usage_errors(tmp_path, horse_dir, capsys):
+    assert main(["train", "--tag", "horse"]) == 2
+    assert main(["train", "--images", str(tmp_path / "none"), "--masks", str(tmp_path), "--tag", "horse"]) == 2
+    assert main(["train", "--ls-export", str(tmp_path / "none.json"), "--images-root", str(tmp_path)]) == 2
+    (tmp_path / "two.json").write_text(json.dumps([{"id": 1, "project": 1}, {"id": 2, "project": 2}]))
+    assert main(["train", "--ls-export", str(tmp_path / "two.json"), "--images-root", str(tmp_path)]) == 2
+    assert main(["train", "--images", str(horse_dir / "images"), "--masks", str(horse_dir / "masks"),
+                 "--tag", "horse", "--limit", "1", "--model-dir", str(tmp_path / "md")]) == 2
+    err = capsys.readouterr().err
+    assert "give either" in err and "no such folder" in err and "no such file" in err
+    assert "several projects (1, 2)" in err and "training needs at least 2" in err
