@@ -11,8 +11,8 @@ Public API::
     run = evaluate(engine, pairs, "horse")    # -> EvalRun(summary, photos, errors)
     print(format_summary(run.summary))
 
-``EvalRun.photos`` keeps each photo's prediction and ground truth (``keep_masks=True``): the hook for
-an HTML report (``--report DIR``, not built yet).
+``EvalRun.photos`` keeps each photo's prediction, ground truth and CAM (``keep_masks=True``) for the
+HTML report of ``--report DIR`` (:mod:`backend.eval_report`: best, median and worst photos).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class EvalPhoto:
     mask: Path
     pred: np.ndarray | None = None
     gt: np.ndarray | None = None
+    cam: np.ndarray | None = None
 
 
 @dataclass
@@ -128,8 +129,9 @@ def evaluate(engine, pairs: Sequence[tuple[str, Path, Path]], tag: str, progress
             continue
         pred = result.tags[0].mask.astype(bool)
         iou = float(score.add(pred, gt, seconds=seconds, name=stem))
+        cam = result.cams.get(tag) if keep_masks else None
         run.photos.append(EvalPhoto(stem, iou, seconds, image_path, mask_path,
-                                    pred if keep_masks else None, gt if keep_masks else None))
+                                    pred if keep_masks else None, gt if keep_masks else None, cam))
     run.summary = score.summary() if run.photos else {"n": 0}
     return run
 
@@ -180,7 +182,8 @@ def run_eval(args) -> int:
     check_tags(engine, [args.tag], "--tag")
     for e in errors:
         print(f"tag2mask: error: {e.error}", file=sys.stderr)
-    run = evaluate(engine, pairs, args.tag, progress=not args.quiet)
+    report_dir = getattr(args, "report", None)
+    run = evaluate(engine, pairs, args.tag, progress=not args.quiet, keep_masks=bool(report_dir))
     run.errors[:0] = errors
     meta = {"tag": args.tag, "backbone": args.backbone, "preset": args.preset, "device": str(engine.backbone.device),
             "errors": [e.error for e in run.errors]}
@@ -193,4 +196,9 @@ def run_eval(args) -> int:
                                           f"{args.preset}, {meta['device']}"))
         if run.errors:
             print(f"  failed photos     {len(run.errors)}")
+    if report_dir:
+        from backend.eval_report import write_report
+
+        index = write_report(run, report_dir, args.tag, f"tag {args.tag!r}, {args.backbone}, preset {args.preset}")
+        print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 1 if run.errors or not run.photos else 0

@@ -11,6 +11,15 @@ Prints fg IoU (pooled over pixels), mIoU (fg/bg), mean per-photo fg IoU, box IoU
 
     TAG2MASK_THREADS=1 python benchmarks/quality.py --split test --preset balanced
     TAG2MASK_THREADS=1 python benchmarks/quality.py --split train --limit 40 --no-crf
+
+Self-training (``--self-train SOURCE``, :mod:`explainers.self_training`): a seg head is trained on the
+pipeline's own pseudo-masks of the SOURCE photos (no ground-truth mask is read for it) and fused with
+the CAMs; rows for the fused pipeline (one per ``--fusion-weights``) and for the head alone are
+printed under the plain pipeline's. SOURCE: ``split`` = the photos being scored (transductive),
+``train`` = the train split's photos (``--st-limit`` of them), ``all`` = all photos of both splits.
+
+    TAG2MASK_THREADS=1 python benchmarks/quality.py --split test --self-train train
+    TAG2MASK_THREADS=1 python benchmarks/quality.py --split train --limit 60 --self-train train --st-set band=0.04
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from explainers.hooks import get_layer  # noqa: E402
 from explainers.imageio import load_image  # noqa: E402
 from explainers.metrics import SegmentationScore  # noqa: E402
 from explainers.segment import PipelineConfig, Tag2Mask  # noqa: E402
+from explainers.self_training import SelfTrainConfig, self_train  # noqa: E402
 from explainers.tags import resolve_tag  # noqa: E402
 
 HORSE_DIR = Path(os.environ.get("TAG2MASK_HORSE_DIR",
@@ -40,7 +50,10 @@ HORSE_DIR = Path(os.environ.get("TAG2MASK_HORSE_DIR",
 
 
 def stems(split: str, limit: int | None) -> list[str]:
-    names = (HORSE_DIR / f"split_{split}.txt").read_text().split()
+    if split == "all":
+        names = [*stems("train", None), *stems("test", None)]
+    else:
+        names = (HORSE_DIR / f"split_{split}.txt").read_text().split()
     if limit and limit < len(names):
         step = len(names) / limit                   # an even spread over the split, deterministic
         names = [names[int(i * step)] for i in range(limit)]
@@ -133,6 +146,34 @@ def parse_value(current, text: str):
     return type(current)(text)
 
 
+def self_train_config(items) -> SelfTrainConfig:
+    """SelfTrainConfig with --st-set changes, e.g. band=0.04, rounds=2, train.seg_epochs=20."""
+    cfg = SelfTrainConfig()
+    for item in items or []:
+        key, value = item.split("=", 1)
+        *parents, last = key.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        if not hasattr(obj, last):
+            raise SystemExit(f"no self-training setting {key!r}")
+        setattr(obj, last, parse_value(getattr(obj, last), value))
+    return cfg
+
+
+def score_engine(engine, names, tag, stage_totals=None):
+    score = SegmentationScore()
+    for stem in names:
+        img, gt = load(stem)
+        t = time.perf_counter()
+        res = engine.predict(img, [tag])
+        score.add(res.tags[0].mask, gt, time.perf_counter() - t, stem)
+        if stage_totals is not None:
+            for k, v in res.timings.items():
+                stage_totals[k] = stage_totals.get(k, 0.0) + v
+    return score
+
+
 def getattr_path(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -141,7 +182,7 @@ def getattr_path(obj, path: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "test", "all"])
     ap.add_argument("--limit", type=int, default=None, help="photos of the split (an even spread)")
     ap.add_argument("--train", type=int, default=40, help="train photos for the anchor's threshold")
     ap.add_argument("--backbone", default="efficientnet_lite0")
@@ -158,6 +199,12 @@ def main(argv=None) -> int:
                     help="long side of the CRF working resolution (0 = original)")
     ap.add_argument("--set", action="append", help="any setting, e.g. --set crf.bilateral_srgb=10")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--self-train", choices=["split", "train", "all"],
+                    help="self-train a seg head on these photos' pseudo-masks and fuse it (see above)")
+    ap.add_argument("--st-limit", type=int, default=None, help="self-train on this many photos of the source")
+    ap.add_argument("--st-set", action="append", help="self-training setting, e.g. --st-set rounds=2")
+    ap.add_argument("--fusion-weights", default=None,
+                    help="comma-separated fusion.seg_weight values, one row each (default: the config's)")
     args = ap.parse_args(argv)
 
     set_cpu_threads(args.threads)
@@ -179,23 +226,43 @@ def main(argv=None) -> int:
             score.add(mask, gt, time.perf_counter() - t, stem)
         rows[f"pytorch-grad-cam GradCAM 224, thr {threshold:.2f}"] = score.summary()
 
-    score = SegmentationScore()
     stage_totals: dict[str, float] = {}
-    for stem in stems(args.split, args.limit):
-        img, gt = load(stem)
-        t = time.perf_counter()
-        res = t2m.predict(img, [args.tag])
-        score.add(res.tags[0].mask, gt, time.perf_counter() - t, stem)
-        for k, v in res.timings.items():
-            stage_totals[k] = stage_totals.get(k, 0.0) + v
+    names = stems(args.split, args.limit)
+    score = score_engine(t2m, names, args.tag, stage_totals)
     rows[f"tag2mask {args.preset}"] = score.summary()
+
+    if args.self_train:
+        source = names if args.self_train == "split" else stems(args.self_train, args.st_limit)
+        if args.self_train == "split" and args.st_limit:
+            source = source[:args.st_limit]
+        st_cfg = self_train_config(args.st_set)
+        print("self-training config:", st_cfg)
+        t = time.perf_counter()
+        paths = [HORSE_DIR / "images" / f"{s}.jpg" for s in source]
+        result = self_train(t2m, paths, [[args.tag]] * len(paths), st_cfg, keys=source,
+                            progress=lambda line: print(line, flush=True))
+        st_seconds = time.perf_counter() - t
+        print(f"self-training on {len(source)} photos ({args.self_train}): {st_seconds:.1f} s, "
+              f"{st_seconds / len(source):.3f} s/photo; rounds: {result.rounds}")
+        head_score = SegmentationScore()
+        for stem in names:
+            img, gt = load(stem)
+            t = time.perf_counter()
+            prob = result.heads.seg_probs(img, [args.tag])[args.tag]
+            head_score.add(prob >= 0.5, gt, time.perf_counter() - t, stem)
+        rows[f"self-trained seg head alone ({args.self_train})"] = head_score.summary()
+        weights = ([float(w) for w in args.fusion_weights.split(",")] if args.fusion_weights
+                   else [cfg.fusion.seg_weight])
+        for w in weights:
+            fused = Tag2Mask(backbone, cfg.replace(**{"fusion.seg_weight": w}), heads=result.heads)
+            rows[f"tag2mask {args.preset} + self-train w={w:g}"] = score_engine(fused, names, args.tag).summary()
 
     print(f"split={args.split} photos={score.n} backbone={args.backbone} tag={args.tag} classes={len(classes)} "
           f"threads={torch.get_num_threads()}")
-    print("config:", {k: v for k, v in cfg.to_dict().items() if k in ("cam", "background", "crf")})
-    print(f"{'method':44s} {'fgIoU':>6s} {'mIoU':>6s} {'photoIoU':>8s} {'boxIoU':>6s} {'s/photo':>7s}")
+    print("config:", {k: v for k, v in cfg.to_dict().items() if k in ("cam", "background", "fusion", "crf")})
+    print(f"{'method':50s} {'fgIoU':>6s} {'mIoU':>6s} {'photoIoU':>8s} {'boxIoU':>6s} {'s/photo':>7s}")
     for name, s in rows.items():
-        print(f"{name:44s} {s['fg_iou']:6.3f} {s['miou']:6.3f} {s['mean_photo_fg_iou']:8.3f} {s['box_iou']:6.3f} "
+        print(f"{name:50s} {s['fg_iou']:6.3f} {s['miou']:6.3f} {s['mean_photo_fg_iou']:8.3f} {s['box_iou']:6.3f} "
               f"{s['seconds_per_photo']:7.3f}")
     n = max(score.n, 1)
     print("tag2mask stages s/photo:", {k: round(v / n, 4) for k, v in stage_totals.items()})

@@ -3,6 +3,7 @@ from explainers.segment.config import (
     BackgroundConfig,
     CAMConfig,
     CRFConfig,
+    FusionConfig,
     GeometryConfig,
     PipelineConfig,
     PostprocessConfig,
@@ -11,6 +12,6 @@ from explainers.segment.pipeline import Tag2Mask
 from explainers.segment.types import Box, PhotoResult, Polygon, TagMask
 
 __all__ = [
-    "BackgroundConfig", "Box", "CAMConfig", "CRFConfig", "GeometryConfig", "PhotoResult", "PipelineConfig",
+    "BackgroundConfig", "Box", "CAMConfig", "CRFConfig", "FusionConfig", "GeometryConfig", "PhotoResult", "PipelineConfig",
     "Polygon", "PostprocessConfig", "Tag2Mask", "TagMask",
 ]

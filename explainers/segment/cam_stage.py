@@ -106,8 +106,26 @@ class CAMStage:
         peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
         maps = total / peak
         if features is not None:
-            maps = propagate(maps, features, self.cfg.affinity_beta, self.cfg.affinity_steps)
+            walked = propagate(maps, features, self.cfg.affinity_beta, self.cfg.affinity_steps)
+            maps = guard_cover(maps, walked, self.cfg.cover_limit, self.cfg.cover_fallback)
         return CAMOutput(maps=maps, probs=torch.stack(probs).mean(0), work_size=work)
+
+
+@torch.no_grad()
+def guard_cover(raw: torch.Tensor, walked: torch.Tensor, limit: float, fallback: str = "product") -> torch.Tensor:
+    """Per map: keep the propagated map unless its Otsu foreground covers more than `limit` of the
+    photo (the walk spread over a cluttered scene); then use the raw CAM ("raw") or the geometric
+    mean of both ("product": the walk restricted to where the CAM itself fires)."""
+    if limit >= 1.0:
+        return walked
+    if fallback not in ("raw", "product"):
+        raise ValueError(f"unknown cover_fallback {fallback!r}; choose 'raw' or 'product'")
+    from explainers.segment.background import otsu_thresholds
+
+    t = otsu_thresholds(walked)
+    cover = (walked > t[:, None, None]).float().flatten(1).mean(1)
+    alt = raw if fallback == "raw" else minmax((raw.clamp_min(0) * walked.clamp_min(0)).sqrt()[None])[0]
+    return torch.where((cover > limit)[:, None, None], alt, walked)
 
 
 @torch.no_grad()

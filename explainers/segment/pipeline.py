@@ -4,6 +4,8 @@ Stages (each a small function or class in this package, chosen by :class:`Pipeli
 
 1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes.
 2. Background (:mod:`background`): background + per-tag probabilities from the CAMs.
+2b. Fusion (optional, :func:`fuse_seg`): with trained heads (``Tag2Mask(heads=...)`` or
+   ``set_heads``), the seg head's probabilities are blended into those of the tags it knows.
 3. Dense CRF (:mod:`crf`) over background + all tags jointly, at a working resolution.
 4. Clean-up (:mod:`postprocess`) of the per-tag masks at the original resolution.
 5. Geometry (:mod:`geometry`): polygons and boxes with scores.
@@ -44,6 +46,40 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def fuse_seg(unary: np.ndarray, tags: Sequence[str], seg: dict[str, np.ndarray], weight: float,
+             mode: str = "linear", min_prob: float = 1e-3) -> np.ndarray:
+    """Blend seg-head probabilities into the CAM-derived class probabilities.
+
+    `unary` (K + 1, h, w): background first, then `tags` in order, summing to 1 per pixel. `seg`:
+    tag -> (h, w) foreground probability of the seg head; tags missing from it keep the CAM alone.
+    The seg head's distribution over the classes: the known tags together get
+    M = 1 - prod(1 - p_k), shared in proportion to their p_k; the background and the other tags
+    share 1 - M in the proportions the CAM gave them. It is mixed with the CAM's, ``linear``
+    = (1 - w) cam + w seg or ``log`` = cam^(1-w) seg^w, and renormalised.
+    """
+    if mode not in ("linear", "log"):
+        raise ValueError(f"unknown fusion mode {mode!r}; choose 'linear' or 'log'")
+    w = float(np.clip(weight, 0.0, 1.0))
+    known = [k + 1 for k, t in enumerate(tags) if t in seg]
+    if not known:
+        return unary
+    rest = [c for c in range(unary.shape[0]) if c not in known]
+    p = np.stack([np.clip(seg[tags[c - 1]], 0.0, 1.0).astype(np.float32) for c in known])
+    mass = 1.0 - np.prod(1.0 - p, axis=0)
+    head = np.empty_like(unary, dtype=np.float32)
+    head[known] = mass * p / np.maximum(p.sum(axis=0), 1e-8)
+    cam_rest = unary[rest]
+    head[rest] = (1.0 - mass) * cam_rest / np.maximum(cam_rest.sum(axis=0), 1e-8)
+    head = np.maximum(head, min_prob)
+    head /= head.sum(axis=0, keepdims=True)
+    if mode == "linear":
+        out = (1.0 - w) * unary + w * head
+    else:
+        out = np.exp((1.0 - w) * np.log(np.maximum(unary, min_prob)) + w * np.log(head))
+    out = np.maximum(out, min_prob)
+    return (out / out.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
 class Tag2Mask:
     """Segment a photo's tags with a pretrained classifier's CAMs and a dense CRF.
 
@@ -56,12 +92,27 @@ class Tag2Mask:
     """
 
     def __init__(self, backbone: str | Backbone = "efficientnet_lite0", config: PipelineConfig | None = None,
-                 device=None, tag_extra: dict[str, list[str]] | None = None):
+                 device=None, tag_extra: dict[str, list[str]] | None = None, heads=None):
         self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device)
         self.config = config or PipelineConfig.preset("balanced")
         self.tag_extra = tag_extra
         self.cam_stage = CAMStage(self.backbone, self.config.cam)
         self.background = calibrated(self.config.background, self.backbone.name)
+        self.heads = None
+        self.set_heads(heads)
+
+    def set_heads(self, heads) -> None:
+        """Use a project's trained heads (:class:`explainers.training.ProjectHeads`, or None to stop).
+
+        Their seg head's probabilities are fused with the CAM-derived ones (``config.fusion``) for
+        the tags it was trained on; other tags keep the CAM alone. The heads must sit on this
+        engine's backbone (same name).
+        """
+        if heads is not None:
+            name = getattr(getattr(heads, "backbone", None), "name", None)
+            if name != self.backbone.name:
+                raise ValueError(f"heads were trained on {name!r}, the engine runs {self.backbone.name!r}")
+        self.heads = heads
 
     # -- tags ---------------------------------------------------------------------------------
     def class_set(self, tag: str) -> tuple[int, ...]:
@@ -73,11 +124,17 @@ class Tag2Mask:
     # -- the pipeline ---------------------------------------------------------------------------
     def predict(self, image_rgb: np.ndarray, tags: Sequence[str]) -> PhotoResult:
         """One photo (RGB uint8, EXIF-upright) and its tags -> masks at the photo's size, shapes, scores."""
+        return self.predict_with_probs(image_rgb, tags)[0]
+
+    def predict_with_probs(self, image_rgb: np.ndarray, tags: Sequence[str]) -> tuple[PhotoResult, np.ndarray | None]:
+        """As :meth:`predict`, plus the CRF's per-pixel class probabilities (K + 1, h, w) float32 at the
+        working resolution, background first, tags in the order of the result (None without tags).
+        Self-training reads its pseudo-masks and their confidence from these."""
         image = check_image(image_rgb)
         tags = list(dict.fromkeys(tags))  # drop repeats, keep order
         h, w = image.shape[:2]
         if not tags:
-            return PhotoResult(width=w, height=h, tags=[])
+            return PhotoResult(width=w, height=h, tags=[]), None
         cfg = self.config
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -96,8 +153,14 @@ class Tag2Mask:
         unary = class_probabilities(maps, self.background, cam.probs)
         timings["background"] = time.perf_counter() - t
 
-        t = time.perf_counter()
         wh, ww = cam.work_size
+        t = time.perf_counter()
+        seg = self._seg_probs(image, tags, (wh, ww))
+        if seg:
+            unary = fuse_seg(unary, tags, seg, cfg.fusion.seg_weight, cfg.fusion.mode, self.background.min_prob)
+            timings["fusion"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         small = image if (wh, ww) == (h, w) else cv2.resize(image, (ww, wh), interpolation=cv2.INTER_AREA)
         probs = dense_crf(small, unary, cfg.crf)
         timings["crf"] = time.perf_counter() - t
@@ -119,7 +182,20 @@ class Tag2Mask:
             cams_np = _resize(maps.float().cpu().numpy(), (h, w))
             cams = {tag: np.clip(cams_np[k], 0, 1).astype(np.float32) for k, tag in enumerate(tags)}
         timings["total"] = time.perf_counter() - t0
-        return PhotoResult(width=w, height=h, tags=results, cams=cams, timings=timings)
+        return PhotoResult(width=w, height=h, tags=results, cams=cams, timings=timings), probs
+
+    def _seg_probs(self, image: np.ndarray, tags: Sequence[str], size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Seg-head probabilities at `size` for the tags the head knows ({} without heads or fusion)."""
+        fcfg = self.config.fusion
+        if self.heads is None or not fcfg.enabled or fcfg.seg_weight <= 0:
+            return {}
+        if getattr(self.heads, "segmenter", None) is None:
+            return {}
+        known = [t for t in tags if t in self.heads.segmenter.labels]
+        if not known:
+            return {}
+        seg = self.heads.seg_probs(image, known, flip=fcfg.flip)
+        return {t: cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for t, p in seg.items()}
 
     def predict_many(self, images: Sequence[np.ndarray], tags_per_image: Sequence[Sequence[str]],
                      progress: Callable[[int, int], None] | None = None) -> list[PhotoResult | Exception]:
