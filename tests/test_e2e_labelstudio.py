@@ -175,3 +175,28 @@ def _record_exchange(exchange) -> None:
             json.dump(data, f, indent=1)
     except OSError:
         pass
+
+
+def test_label_command_output_imports_into_label_studio(stack, horse_dir, tmp_path):
+    """`tag2mask label`'s tasks.json and label_config.xml are accepted by Label Studio as they are:
+    one task per photo, each with its stored prediction whose brush mask overlaps the ground truth."""
+    from backend.cli import main
+
+    ls, _, _ = stack
+    stems = STEMS[:2]
+    out = tmp_path / "out"
+    assert main(["label", *[str(horse_dir / "images" / f"{s}.jpg") for s in stems],
+                 "--tags", "horse", "--preset", "fast", "--out", str(out), "-q"]) == 0
+    proj = ls.create_project("tag2mask label import", (out / "label_config.xml").read_text())
+    ls.api("POST", f"/api/projects/{proj['id']}/import", data=(out / "tasks.json").read_bytes(),
+           headers={"Content-Type": "application/json"})
+    tasks = ls.tasks(proj["id"])
+    assert len(tasks) == len(stems)
+    for task in tasks:
+        stem = next(s for s in stems if task["data"]["image"].endswith(f"{s}.jpg"))
+        preds = ls.predictions(task["id"])
+        assert len(preds) == 1 and preds[0]["model_version"].startswith("tag2mask-")
+        brush = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
+        assert len(brush) == 1
+        gt = np.asarray(Image.open(horse_dir / "masks" / f"{stem}.png")) > 0
+        assert _iou(decode_rle(brush[0]["value"]["rle"], *gt.shape), gt) > IOU_FLOOR
