@@ -2,10 +2,14 @@
 
     tag2mask label PATH... --tags horse[,dog] [--tags-csv FILE] --out DIR   pre-label photos for Label Studio
     tag2mask explain IMAGE --method gradcam [--layer L] [--tag T] --out FILE.png
-    tag2mask eval --images DIR --masks DIR --tag horse [--split FILE] [--limit N] [--json]
+    tag2mask eval --images DIR --masks DIR --tag horse [--split FILE] [--limit N] [--json] [--report DIR]
     tag2mask demo [--out demo-out]                                           bundled photos -> demo-out/index.html
     tag2mask serve [--host H] [--port P]                                     the Label Studio ML backend
     tag2mask worker [...]                                                    a job-queue worker (backend.worker)
+    tag2mask jobs [--project P] [--watch]                                    queue counts / project progress
+    tag2mask up [--host H] [--port P]                                        Valkey + worker + web server
+    tag2mask train --ls-export EXPORT.json --images-root DIR | --images DIR --masks DIR --tag T   (train_cmd)
+    tag2mask models list|promote|rollback                                    the project model registry
     tag2mask backbones                                                       classifiers that can be used
 
 Exit status: 0 everything worked, 1 some photos failed (each reported on one line), 2 usage errors
@@ -264,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", metavar="FILE", help="file listing the photo stems to use (default: all photos)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N photos")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    # An HTML report (--report DIR) will hook in here: backend.eval_cmd.evaluate() returns every
-    # photo's prediction, mask and score (EvalRun.photos) for it.
+    p.add_argument("--report", metavar="DIR",
+                   help="write DIR/index.html with the best, median and worst photos (photo, CAM, mask, truth)")
     _model_options(p)
     _progress_option(p)
     p.set_defaults(func=cmd_eval)
@@ -289,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     sub.add_parser("worker", help="run a job-queue worker (options: tag2mask worker --help)", add_help=False)
+
+    from backend.queue_cli import add_parsers as add_queue_parsers   # jobs, up (no torch at import)
+
+    add_queue_parsers(sub)
+
+    from backend.train_cmd import add_parsers as add_train_parsers   # train, models (no torch at import)
+
+    add_train_parsers(sub, _model_options, _progress_option)
 
     p = sub.add_parser("backbones", help="list the classifiers that can be used")
     p.set_defaults(func=cmd_backbones)

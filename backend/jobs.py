@@ -25,14 +25,13 @@ import os
 import random
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import unquote, urlparse
 
 __all__ = [
     "TransientError", "TasksFailed", "with_retries", "is_transient",
     "LabelStudioPusher", "set_prediction_pusher", "push_prediction",
-    "set_engine_factory", "get_engine", "read_image_bytes", "predict_one", "predict_tasks",
+    "set_engine_factory", "get_engine", "read_image_bytes", "predict_one", "predict_tasks", "push_late_key",
+    "push_owner_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,13 +152,27 @@ def set_prediction_pusher(fn: Callable[[int, Mapping[str, Any]], Any] | None) ->
         _pusher = fn
 
 
-def push_prediction(task_id: int, prediction: Mapping[str, Any]) -> Any:
-    """Write one task's prediction to Label Studio, idempotently, retrying transient failures."""
+_pushers_by_creds: dict[tuple[str, str], LabelStudioPusher] = {}
+
+
+def push_prediction(task_id: int, prediction: Mapping[str, Any],
+                    label_studio: Mapping[str, Any] | None = None) -> Any:
+    """Write one task's prediction to Label Studio, idempotently, retrying transient failures.
+
+    ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` name the server; where they are unset, `label_studio`
+    (``{"url", "token"}``, what Label Studio sent to ``/setup``) does."""
     global _pusher
     with _pusher_lock:
-        if _pusher is None:
-            _pusher = LabelStudioPusher()
-        pusher = _pusher
+        if _pusher is None and not (os.environ.get("LABEL_STUDIO_URL") and os.environ.get("LABEL_STUDIO_API_KEY")) \
+                and label_studio and label_studio.get("url") and label_studio.get("token"):
+            key = (str(label_studio["url"]), str(label_studio["token"]))
+            if key not in _pushers_by_creds:
+                _pushers_by_creds[key] = LabelStudioPusher(*key)
+            pusher = _pushers_by_creds[key]
+        else:
+            if _pusher is None:
+                _pusher = LabelStudioPusher()
+            pusher = _pusher
     return with_retries(lambda: pusher(task_id, prediction), what=f"push of task {task_id}")
 
 
@@ -210,25 +223,43 @@ def _run_engine(engine: Any, image, tags: list[str]):
 
 
 # -- photos -------------------------------------------------------------------------------------
-def read_image_bytes(ref: str, *, timeout: float = 30.0) -> bytes:
-    """Bytes of a task's photo: a local path, ``file://`` URL, or http(s) URL (a relative ``/data/..``
-    URL or one under ``$LABEL_STUDIO_URL`` is fetched with the Label Studio token)."""
-    parsed = urlparse(ref)
-    if parsed.scheme in ("", "file") and not ref.startswith("/data/"):
-        path = Path(unquote(parsed.path) if parsed.scheme == "file" else ref)
-        return path.read_bytes()
-    ls_url = os.environ.get("LABEL_STUDIO_URL", "").rstrip("/")
-    url = ref if parsed.scheme in ("http", "https") else f"{ls_url}{ref}"
-    headers = {}
-    if ls_url and url.startswith(ls_url) and os.environ.get("LABEL_STUDIO_API_KEY"):
-        headers["Authorization"] = f"Token {os.environ['LABEL_STUDIO_API_KEY']}"
-    import requests
+_fetcher = None
+
+
+def _default_fetcher():
+    """One ImageFetcher per process (settings from the environment; its HTTP session is reused)."""
+    global _fetcher
+    if _fetcher is None:
+        from backend.image_fetch import ImageFetcher
+        _fetcher = ImageFetcher()
+    return _fetcher
+
+
+def _fetch_is_transient(message: str) -> bool:
+    """ImageFetchError messages of network trouble worth retrying (see backend.image_fetch)."""
+    return any(m in message for m in ("download failed (", "download interrupted (", "HTTP 408 ", "HTTP 429 ",
+                                      "HTTP 500 ", "HTTP 502 ", "HTTP 503 ", "HTTP 504 "))
+
+
+def read_image_bytes(ref: str, *, task_id: Any = None, ls_url: str | None = None, api_key: str | None = None,
+                     fetcher=None) -> bytes:
+    """Bytes of a task's photo through :class:`backend.image_fetch.ImageFetcher`, so workers follow the
+    web server's rules (``TAG2MASK_LOCAL_ROOTS``, ``TAG2MASK_ALLOWED_HOSTS``, size cap, timeouts, the
+    Label Studio token only to Label Studio). `ls_url`/`api_key` are used where ``LABEL_STUDIO_URL`` /
+    ``LABEL_STUDIO_API_KEY`` are unset. Network failures (download failed, HTTP 408/429/5xx) are
+    retried with backoff; the rest raise ImageFetchError at once."""
+    from backend.image_fetch import ImageFetchError
+
+    fetcher = fetcher or _default_fetcher()
 
     def get() -> bytes:
-        resp = requests.get(url, headers=headers, timeout=timeout)
-        resp.raise_for_status()
-        return resp.content
-    return with_retries(get, what=f"download of {url}")
+        try:
+            return fetcher.fetch_bytes(str(ref), task_id=task_id, ls_url=ls_url, api_key=api_key)
+        except ImageFetchError as exc:
+            if _fetch_is_transient(str(exc)):
+                raise TransientError(str(exc)) from None
+            raise
+    return with_retries(get, what=f"fetch of the photo of task {task_id}")
 
 
 # -- the job functions --------------------------------------------------------------------------
@@ -242,28 +273,90 @@ def _connection():
     return get_connection()
 
 
-def predict_one(task: Mapping[str, Any], *, label_config: str, model_version: str,
-                cache=None, engine_options: Mapping[str, Any] | None = None) -> tuple[dict, bool]:
-    """Prediction of one task ``{"id", "image", "tags"}``; returns ``(prediction, from_cache)``."""
-    from backend.queues import image_hash, normalize_tags
+_models: dict[tuple, Any] = {}
 
-    tags = normalize_tags(task.get("tags", []))
-    data = read_image_bytes(str(task["image"]))
+
+def _ls_model(label_config: str, model_version: str):
+    """A :class:`backend.model.Tag2MaskModel` for a labeling config, cached per process (its engine is
+    ``backend.model.get_engine``: loaded once per process, on ``$TAG2MASK_DEVICE``)."""
+    from dataclasses import replace
+
+    from backend.model import Tag2MaskModel
+    from backend.settings import Settings
+
+    key = (label_config, str(model_version))
+    with _engine_lock:
+        model = _models.get(key)
+        if model is None:
+            settings = replace(Settings.from_env(), model_version=str(model_version))
+            model = _models[key] = Tag2MaskModel(settings, label_config=label_config)
+            model.setup()
+        return model
+
+
+def predict_one(task: Mapping[str, Any], *, label_config: str, model_version: str,
+                cache=None, engine_options: Mapping[str, Any] | None = None,
+                label_studio: Mapping[str, Any] | None = None) -> tuple[dict, bool]:
+    """Prediction of one task; returns ``(prediction, from_cache)``.
+
+    Two kinds of task:
+
+    * ``{"id", "image", "tags"}`` (CLI, scripts): the engine runs on exactly these tags;
+    * ``{"id", "image", "tags": [...] or None, "ls": true}`` (built by the web server from a Label
+      Studio task): the tags are the task's annotated Choices when given, else the labels of the
+      labeling config the classifier picks -- exactly what ``/predict`` does in the web process
+      (:meth:`backend.model.Tag2MaskModel.predict_image`). Such a prediction is also cached under
+      the image reference (``"ref:" + image``), which lets the web server answer without fetching.
+    """
+    from backend.queues import image_hash, ls_cache_tags, normalize_tags
+
+    creds = label_studio or {}
+    ls_task = bool(task.get("ls"))
+    tags = ls_cache_tags(task.get("tags")) if ls_task else normalize_tags(task.get("tags", []))
+    data = read_image_bytes(str(task["image"]), task_id=task.get("id"), ls_url=creds.get("url"),
+                            api_key=creds.get("token"))
     sha = image_hash(data)
     if cache is not None:
         hit = cache.get(task["id"], sha, tags, model_version)
         if hit is not None:
+            if ls_task:
+                cache.put(task["id"], "ref:" + str(task["image"]), tags, model_version, hit)
             return hit, True
     from backend.label_config import parse_label_config
     from backend.ls_results import make_prediction
     from explainers.imageio import load_image
 
-    engine = get_engine(**dict(engine_options or {}))
-    photo = _run_engine(engine, load_image(data), tags)
-    prediction = make_prediction(photo, parse_label_config(label_config), model_version)
+    if ls_task:
+        model = _ls_model(label_config, model_version)
+        prediction = model.predict_image(load_image(data), model.parsed, task.get("tags") or None,
+                                         task_id=task.get("id"))
+    else:
+        engine = get_engine(**dict(engine_options or {}))
+        photo = _run_engine(engine, load_image(data), tags)
+        prediction = make_prediction(photo, parse_label_config(label_config), model_version)
     if cache is not None:
         cache.put(task["id"], sha, tags, model_version, prediction)
+        if ls_task:
+            cache.put(task["id"], "ref:" + str(task["image"]), tags, model_version, prediction)
     return prediction, False
+
+
+def push_late_key(job_id: str) -> str:
+    """Redis flag set by the web server when ``/predict`` stopped waiting for a (no-push) job: the job
+    then writes its predictions to Label Studio itself, so none is lost."""
+    from backend.queues import namespace
+
+    return f"{namespace()}:push-late:{job_id}"
+
+
+def push_owner_key(task_id: Any, model_version: str) -> str:
+    """Redis key naming the job that will push (or has pushed) this task's prediction of this model
+    version to Label Studio. While it exists the web server answers ``/predict`` for the task without
+    a result: Label Studio stores what ``/predict`` answers, and that copy plus the worker's push would
+    be two predictions. The worker deletes it when the task fails, so a later ``/predict`` answers."""
+    from backend.queues import namespace
+
+    return f"{namespace()}:push-owner:{task_id}:{model_version}"
 
 
 def predict_tasks(request: Mapping[str, Any]) -> dict:
@@ -273,19 +366,29 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
 
         {"project": 3, "model_version": "tag2mask-0.1", "label_config": "<View>...</View>",
          "tasks": [{"id": 17, "image": "/path/or/url.jpg", "tags": ["horse"]}, ...],
-         "push": true, "engine": {"backbone": ..., "preset": ...}}
+         "push": true, "engine": {"backbone": ..., "preset": ...},
+         "label_studio": {"url": ..., "token": ...}}      # optional: where LABEL_STUDIO_URL/_API_KEY are unset
 
     Returns ``{"predictions": {task_id: prediction}, "cached": [ids], "pushed": {id: outcome}}``
-    (JSON keys are strings). Progress is kept in the job's ``meta`` (``done``/``total``/``failed``).
+    (JSON keys are strings). Progress is kept in the job's ``meta`` (``done``/``total``/``failed``,
+    ``errors``: task id -> reason). A job enqueued without ``push`` still pushes when the web server
+    has set :func:`push_late_key` (it stopped waiting).
     """
     from rq import get_current_job
 
     from backend.queues import ResultCache
 
     job = get_current_job()
-    cache = ResultCache(_connection())
+    conn = _connection()
+    cache = ResultCache(conn)
     tasks = list(request.get("tasks", []))
-    push = bool(request.get("push", True))
+    creds = dict(request.get("label_studio") or {})
+
+    def should_push() -> bool:
+        if request.get("push", True):
+            return True
+        return job is not None and bool(conn.exists(push_late_key(job.id)))
+
     out: dict[str, Any] = {"predictions": {}, "cached": [], "pushed": {}}
     failures: dict[Any, str] = {}
     permanent_only = True
@@ -294,22 +397,35 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
         try:
             prediction, cached = predict_one(task, label_config=request["label_config"],
                                              model_version=str(request["model_version"]), cache=cache,
-                                             engine_options=request.get("engine"))
+                                             engine_options=request.get("engine"), label_studio=creds)
             out["predictions"][str(tid)] = prediction
             if cached:
                 out["cached"].append(tid)
-            if push:
-                out["pushed"][str(tid)] = push_prediction(tid, prediction)
+            if should_push():
+                out["pushed"][str(tid)] = push_prediction(tid, prediction, label_studio=creds)
         except Exception as exc:   # one bad task must not sink the others
             log.exception("task %s failed", tid)
             failures[tid] = f"{type(exc).__name__}: {exc}"
             permanent_only = permanent_only and not is_transient(exc)
+            if request.get("push", True):
+                try:
+                    conn.delete(push_owner_key(tid, str(request["model_version"])))
+                except Exception:   # noqa: BLE001 - Redis trouble: the key expires anyway
+                    pass
         if job is not None:
-            job.meta.update({"done": i + 1, "total": len(tasks), "failed": len(failures)})
+            job.meta.update({"done": i + 1, "total": len(tasks), "failed": len(failures),
+                             "errors": {str(k): v for k, v in failures.items()}})
             job.save_meta()
+    if not request.get("push", True) and should_push():   # the flag came while we ran: push the rest
+        for tid, prediction in out["predictions"].items():
+            if tid not in out["pushed"]:
+                try:
+                    out["pushed"][tid] = push_prediction(int(tid), prediction, label_studio=creds)
+                except Exception as exc:
+                    failures[tid] = f"{type(exc).__name__}: {exc}"
+                    permanent_only = permanent_only and not is_transient(exc)
     if failures:
         if job is not None and permanent_only:
             job.retries_left = 0   # a re-run would fail the same way: keep the failure now
         raise TasksFailed(failures)
     return out
-

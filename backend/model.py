@@ -42,7 +42,10 @@ __all__ = ["Tag2MaskModel", "get_engine", "engine_loaded", "choose_tags", "TRAIN
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-TRAINING_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING"})
+# Label Studio sends ANNOTATIONS_DELETED ({"annotations": [{"id"}]}) and, on import, ANNOTATIONS_CREATED
+# ({"annotation": [...], "task": [...]}); ANNOTATION_DELETED is kept for older senders
+TRAINING_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_CREATED",
+                             "ANNOTATIONS_DELETED", "START_TRAINING"})
 
 _ENGINE_LOCK = threading.Lock()        # guards loading
 _INFER_LOCK = threading.Lock()         # serialises inference (shared model, CPU)
@@ -211,7 +214,11 @@ class Tag2MaskModel:
         if not url:
             raise ValueError(f"task data has no {config.image_key!r} field")
         image = self.fetcher.load(url, task_id=task.get("id"), ls_url=self.hostname, api_key=self.access_token)
-        human = choose_tags(task, config)
+        return self.predict_image(image, config, choose_tags(task, config), task_id=task.get("id"))
+
+    def predict_image(self, image, config: LabelConfig, human: list[str] | None, task_id=None) -> dict:
+        """Prediction of one photo (RGB uint8): `human` tags when given (the task's annotation), else the
+        config labels the classifier picks. Used by :meth:`predict_one` and by queue workers."""
         extra = {label: names for label, names in config.tag_queries().items() if names}
         engine, lock = get_engine(self.settings)
         with lock:
@@ -229,7 +236,7 @@ class Tag2MaskModel:
                 tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]
                 tags = tags or ranked[:1]
             photo = engine.predict(image, tags)
-        log.info("task %s: tags %s (from %s)", task.get("id"), tags, "annotation" if human is not None else "classifier")
+        log.info("task %s: tags %s (from %s)", task_id, tags, "annotation" if human is not None else "classifier")
         return make_prediction(photo, config, self.model_version)
 
     # -- fit -------------------------------------------------------------------------------------

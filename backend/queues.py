@@ -30,7 +30,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 
 __all__ = [
     "PRIORITIES", "QueueSpec", "QUEUE_SPECS", "namespace", "queue_name", "get_queue", "get_queues",
-    "image_hash", "normalize_tags", "job_id_for", "enqueue_unique", "enqueue_predictions", "ResultCache",
+    "image_hash", "normalize_tags", "ls_cache_tags", "job_id_for", "enqueue_unique", "enqueue_predictions", "ResultCache",
     "queue_counts", "job_info", "project_progress", "project_jobs_key",
 ]
 
@@ -87,6 +87,12 @@ def image_hash(data: bytes) -> str:
 def normalize_tags(tags: Iterable[str]) -> list[str]:
     """Tags as a canonical list: stripped, de-duplicated, sorted (order does not change the work)."""
     return sorted({str(t).strip() for t in tags if str(t).strip()})
+
+
+def ls_cache_tags(human: Iterable[str] | None) -> list[str]:
+    """Cache/identity tags of a Label Studio task's prediction: its annotated tags, or a marker for
+    "the labels the classifier picks" (kept apart from explicit-tag predictions)."""
+    return normalize_tags(["@label-studio", *(human or ["@classifier"])])
 
 
 def _digest(*parts: Any) -> str:
@@ -150,12 +156,14 @@ PREDICT_FUNC = "backend.jobs.predict_tasks"
 def enqueue_predictions(connection: redis.Redis, *, project: Any, tasks: Sequence[Mapping[str, Any]],
                         label_config: str, model_version: str, priority: str | None = None,
                         chunk_size: int = 8, push: bool = True, engine: Mapping[str, Any] | None = None,
+                        label_studio: Mapping[str, Any] | None = None,
                         **options: Any) -> list[tuple[Job, bool]]:
     """Enqueue :func:`backend.jobs.predict_tasks` over `tasks` (``{"id", "image", "tags"}``, optionally
     ``"image_sha"``: the photo's content hash, else the image reference stands for its content).
 
     One job per task when there is a single task (queue ``interactive`` by default), else one job per
-    chunk of `chunk_size` tasks (queue ``batch``). Job ids come from (project, task ids, content,
+    chunk of `chunk_size` tasks (queue ``batch``). `label_studio` (``{"url", "token"}``) tells workers
+    where to push when they have no ``LABEL_STUDIO_URL``/``_API_KEY``. Job ids come from (project, task ids, content,
     tags, model version), so re-enqueuing the same work returns the existing jobs.
     """
     tasks = list(tasks)
@@ -171,6 +179,8 @@ def enqueue_predictions(connection: redis.Redis, *, project: Any, tasks: Sequenc
         job_id = job_id_for("predict", project, task_key, content, [], model_version)
         request = {"project": project, "model_version": str(model_version), "label_config": label_config,
                    "tasks": [dict(t) for t in chunk], "push": push, "engine": dict(engine or {})}
+        if label_studio:   # Label Studio's URL/token from /setup, for workers without LABEL_STUDIO_URL/_API_KEY
+            request["label_studio"] = dict(label_studio)
         job, created = enqueue_unique(queue, PREDICT_FUNC, request, job_id=job_id,
                                       meta={"project": project, "tasks": ids, "total": len(ids), "done": 0},
                                       description=f"predict project {project} tasks {ids}", **options)

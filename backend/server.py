@@ -12,13 +12,27 @@ route              method  reply
 /predict           POST    ``{"results": [one per task, in order]}``; body ``{"tasks", "label_config",
                            "project", "params"}``; a failed task's entry has "error" and no "result"
 /webhook           POST    training events (ANNOTATION_CREATED/UPDATED/DELETED, START_TRAINING) are
-                           appended to ``$MODEL_DIR/events.jsonl`` -> ``{"status": "recorded"}``;
-                           other actions -> ``{"status": "ignored"}``
+                           appended to ``$MODEL_DIR/events.jsonl`` -> ``{"status": "recorded",
+                           "training": {...}}``: annotations stored as training examples, START_TRAINING
+                           queues a training (backend.training_jobs); other actions -> ``{"status": "ignored"}``
+/webhook           POST    TASKS_CREATED (queue mode, TAG2MASK_PRELABEL_ON_CREATE): the new tasks are enqueued
+  (TASKS_CREATED)          for pre-labeling -> ``{"status": "queued", "tasks", "jobs", "skipped"}``
+/jobs/<id>         GET     a queue job: status, progress (meta done/total/failed), times, error (404 unknown)
+/projects/<id>/    GET     ``{"project", "jobs", "tasks", "queued", "running", "done", "failed", "rate",
+  progress                 "eta_s"}`` over the project's prediction jobs
 /versions          GET     ``{"versions": [model_version]}`` (Label Studio sends GET with a JSON body;
                    POST    the body is ignored)
 /metrics           GET     per-process counters, JSON; Prometheus text with ``?format=prometheus`` or
                            ``Accept: text/plain``
 =================  ======  ==================================================================================
+
+Job queue (``Settings.use_queue``: TAG2MASK_QUEUE=on, or auto with REDIS_URL set): /predict is
+answered by ``tag2mask worker`` processes through Redis (backend.queue_service): few tasks
+(<= TAG2MASK_SYNC_MAX_TASKS) wait for their job up to TAG2MASK_PREDICT_DEADLINE s; more tasks are
+enqueued as batch jobs and answered at once (unfinished tasks: entries without "result"; workers push
+each prediction to Label Studio). TASKS_CREATED webhooks enqueue pre-labeling of the new tasks
+(TAG2MASK_PRELABEL_ON_CREATE). Redis down: 503 ``{"error": "the job queue is unavailable: ..."}``;
+/health reports ``"queue": {...}`` without blocking. TAG2MASK_QUEUE=off: inference in this process.
 
 Basic auth (BASIC_AUTH_USER + BASIC_AUTH_PASS) guards every route but /health and /. The model is
 loaded once per process (``backend.model.get_engine``), in a background thread at start unless
@@ -37,6 +51,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.label_config import LabelConfigError, parse_label_config
 from backend.model import TRAINING_EVENTS, Tag2MaskModel, engine_loaded, get_engine
+from backend.redis_conn import RedisUnavailable
 from backend.settings import Settings
 
 __all__ = ["create_app"]
@@ -84,6 +99,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     version = Tag2MaskModel(settings).model_version
     last_seen: dict[str, str] = {}              # hostname / access_token of the latest /setup (any project)
     app.extensions["tag2mask"] = {"metrics": metrics, "projects": projects}
+    pq = None
+    if settings.use_queue:
+        from backend.queue_service import PredictionQueue
+
+        pq = app.extensions["tag2mask"]["queue"] = PredictionQueue(settings)
 
     def model_for(project: str | None, label_config: str | None = None) -> Tag2MaskModel:
         key = project or "_"
@@ -117,6 +137,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _bad(exc):
         return error(400, str(exc))
 
+    @app.errorhandler(RedisUnavailable)
+    def _queue_down(exc):
+        return error(503, str(exc))
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         return error(exc.code or 500, exc.description or exc.name)
@@ -144,9 +168,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify({"status": "UP", "model_class": Tag2MaskModel.__name__, "model_version": version,
-                        "model_loaded": engine_loaded(settings), "backbone": settings.backbone,
-                        "preset": settings.preset})
+        reply = {"status": "UP", "model_class": Tag2MaskModel.__name__, "model_version": version,
+                 "model_loaded": engine_loaded(settings), "backbone": settings.backbone, "preset": settings.preset}
+        reply["queue"] = pq.status() if pq is not None else {"mode": "inline"}
+        return jsonify(reply)
 
     @app.post("/setup")
     def setup():
@@ -181,7 +206,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         except LabelConfigError as exc:
             return error(400, str(exc))
         t = time.perf_counter()
-        results = model.predict(tasks, context=(data.get("params") or {}).get("context"))
+        if pq is not None:
+            results = pq.predict(model, tasks, project)      # RedisUnavailable -> 503
+        else:
+            results = model.predict(tasks, context=(data.get("params") or {}).get("context"))
         with metrics.lock:
             metrics.predict_seconds += time.perf_counter() - t
         metrics.inc("predict_requests_total")
@@ -196,12 +224,56 @@ def create_app(settings: Settings | None = None) -> Flask:
         if not isinstance(action, str) or not action:
             return error(400, "the webhook body needs an \"action\"")
         metrics.inc(f"webhook_{action.lower()}")
+        if action == "TASKS_CREATED":
+            return tasks_created(data)
         if action not in TRAINING_EVENTS:
             return jsonify({"status": "ignored", "action": action})
         project = data.get("project")
         schema = project.get("label_config") if isinstance(project, dict) else None
         model = model_for(_project_id(project), schema)
-        return jsonify(model.fit(action, data))
+        reply = model.fit(action, data)
+        # issue 5: store the example / queue a training (backend.training_jobs); Redis down -> a note
+        from backend.training_jobs import handle_training_event
+
+        try:
+            reply["training"] = handle_training_event(action, data, settings)
+        except ValueError as exc:      # a malformed annotation (no id, sizes disagree, bad RLE)
+            return error(400, f"annotation not stored: {exc}")
+        return jsonify(reply)
+
+    def tasks_created(data: dict):
+        """Pre-label the new tasks through the queue (TAG2MASK_PRELABEL_ON_CREATE, queue mode only)."""
+        if pq is None or not settings.prelabel_on_create:
+            why = "the job queue is off" if pq is None else "TAG2MASK_PRELABEL_ON_CREATE=0"
+            return jsonify({"status": "ignored", "action": "TASKS_CREATED", "reason": why})
+        project = data.get("project")
+        schema = project.get("label_config") if isinstance(project, dict) else None
+        model = model_for(_project_id(project), schema)
+        try:
+            model.use_label_config(None)
+        except LabelConfigError as exc:
+            return error(400, str(exc))
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list):
+            return error(400, "a TASKS_CREATED webhook needs \"tasks\": a list of tasks")
+        reply = pq.prelabel(model, tasks, _project_id(project))
+        metrics.inc("prelabel_tasks_total", reply["tasks"])
+        return jsonify({**reply, "action": "TASKS_CREATED"})
+
+    @app.get("/jobs/<job_id>")
+    def job_route(job_id: str):
+        if pq is None:
+            return error(404, "the job queue is off (TAG2MASK_QUEUE)")
+        info = pq.job(job_id)
+        if info is None:
+            return error(404, f"no job {job_id!r}")
+        return jsonify(info)
+
+    @app.get("/projects/<project>/progress")
+    def progress_route(project: str):
+        if pq is None:
+            return error(404, "the job queue is off (TAG2MASK_QUEUE)")
+        return jsonify(pq.progress(project))
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
@@ -222,7 +294,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             lines.append(f"{metric} {value}")
         return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
-    if settings.warmup:
+    if settings.warmup and pq is None:     # queue mode: the workers hold the model
         def _warm():
             try:
                 get_engine(settings)

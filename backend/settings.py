@@ -28,6 +28,18 @@ TAG2MASK_WARMUP            1                    load the model in a background t
                                                 /predict)
 TAG2MASK_MODEL_VERSION     (derived)            override the model version string
 TAG2MASK_MAX_PIXELS        40000000             photo pixel cap (explainers.imageio)
+REDIS_URL                  (none)               job queue server; unset: an embedded Valkey in MODEL_DIR/valkey
+TAG2MASK_QUEUE             auto                 /predict through the job queue: on | off (inference in the
+                                                web process) | auto (on when REDIS_URL is set)
+TAG2MASK_SYNC_MAX_TASKS    4                    /predict with at most this many tasks waits for the workers;
+                                                more: a batch job is enqueued and the answer is immediate
+TAG2MASK_PREDICT_DEADLINE  60                   seconds /predict waits for its job (below Label Studio's 100)
+TAG2MASK_PRELABEL_ON_CREATE 1                   TASKS_CREATED webhooks enqueue pre-labeling of the new tasks
+TAG2MASK_BATCH_CHUNK       8                    tasks per batch job
+TRAIN_INTERVAL             600                  seconds between retraining checks of every project
+                                                (backend.training_jobs.run_training_scheduler)
+TRAIN_MIN_NEW              10                   a project is retrained when at least this many of its
+                                                examples changed since its last model
 =========================  ===================  ==============================================================
 """
 from __future__ import annotations
@@ -70,6 +82,14 @@ class Settings:
     fetch_timeout: float = 30.0
     warmup: bool = True
     model_version: str | None = None
+    train_interval: float = 600.0
+    redis_url: str | None = None
+    queue: str = "auto"
+    sync_max_tasks: int = 4
+    predict_deadline: float = 60.0
+    prelabel_on_create: bool = True
+    batch_chunk: int = 8
+    train_min_new: int = 10
 
     @classmethod
     def from_env(cls, env: dict | None = None, **overrides) -> "Settings":
@@ -94,12 +114,29 @@ class Settings:
             fetch_timeout=float(e.get("TAG2MASK_FETCH_TIMEOUT") or 30),
             warmup=_bool(e.get("TAG2MASK_WARMUP"), True),
             model_version=e.get("TAG2MASK_MODEL_VERSION") or None,
+            train_interval=float(e.get("TRAIN_INTERVAL") or 600),
+            redis_url=e.get("REDIS_URL") or None,
+            queue=(e.get("TAG2MASK_QUEUE") or "auto").strip().lower(),
+            sync_max_tasks=int(e.get("TAG2MASK_SYNC_MAX_TASKS") or 4),
+            predict_deadline=float(e.get("TAG2MASK_PREDICT_DEADLINE") or 60),
+            prelabel_on_create=_bool(e.get("TAG2MASK_PRELABEL_ON_CREATE"), True),
+            batch_chunk=int(e.get("TAG2MASK_BATCH_CHUNK") or 8),
+            train_min_new=int(e.get("TRAIN_MIN_NEW") or 10),
         )
         return replace(s, **overrides) if overrides else s
 
     @property
     def basic_auth(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @property
+    def use_queue(self) -> bool:
+        """/predict goes through the job queue (TAG2MASK_QUEUE=on, or auto with REDIS_URL set)."""
+        if self.queue in ("on", "1", "true", "yes"):
+            return True
+        if self.queue in ("off", "0", "false", "no", "inline"):
+            return False
+        return bool(self.redis_url)
 
     @property
     def events_path(self) -> Path:

@@ -129,9 +129,10 @@ def run_worker(priorities: Sequence[str] | None = None, *, device: str | None = 
         os.environ["TAG2MASK_DEVICE"] = device
     connection = connection or get_connection()
     wait_until_up(connection, timeout=float(os.environ.get("TAG2MASK_REDIS_WAIT", 30)))
-    if preload:
-        from backend.jobs import get_engine
-        get_engine(device=device)
+    if preload:   # the engine Label Studio tasks use (backend.model, settings from the environment)
+        from backend.model import get_engine
+        from backend.settings import Settings
+        get_engine(Settings.from_env())
     stop = stop or threading.Event()
     worked = False
     generation = quick_restarts = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ def worker_env(server: Server, **extra: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
         "TAG2MASK_THREADS": "1",
         "LOG_LEVEL": "INFO",
+        # workers read photos through backend.image_fetch: local files only inside these roots
+        "TAG2MASK_LOCAL_ROOTS": os.pathsep.join([str((REPO.parent / "shared" / "data" / "weizmann_horse").resolve()),
+                                                 tempfile.gettempdir()]),
     })
     env.update(extra)
     return env

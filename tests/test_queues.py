@@ -181,7 +181,7 @@ def test_predict_job_on_real_photos(server, horse_dir, tmp_path):
     assert failed.get_status() == JobStatus.FAILED
     assert failed.retries_left == 0 and failed.meta["failed"] == 1     # permanent: not re-run
     exc = failed.latest_result().exc_string
-    assert "TasksFailed" in exc and "FileNotFoundError" in exc and f"task {server.token}-x" in exc
+    assert "TasksFailed" in exc and "ImageFetchError" in exc and "no such file" in exc and f"task {server.token}-x" in exc
 
 
 @pytest.mark.skipif(os.environ.get("TAG2MASK_SKIP_ENGINE") == "1", reason="TAG2MASK_SKIP_ENGINE=1")

@@ -1,0 +1,285 @@
+"""The web server's side of the job queue: ``/predict`` through workers, pre-labeling, queue health.
+
+Used by backend/server.py when ``Settings.use_queue`` (``TAG2MASK_QUEUE=on``, or ``auto`` with
+``REDIS_URL`` set). Nothing here imports torch: inference runs in ``tag2mask worker`` processes.
+
+``/predict`` (:meth:`PredictionQueue.predict`):
+
+1. each task's tags are chosen as in the web process (the annotated Choices, else "the classifier
+   picks", decided by the worker); a prediction already in the :class:`~backend.queues.ResultCache`
+   for (task, image reference, tags, model version) is answered at once;
+2. with at most ``TAG2MASK_SYNC_MAX_TASKS`` remaining tasks, one ``interactive`` job computes them
+   and the request waits for it, up to ``TAG2MASK_PREDICT_DEADLINE`` seconds (below Label Studio's
+   100 s timeout). Label Studio stores what /predict answers, so that job does not push; if the
+   deadline passes, the job is told (:func:`backend.jobs.push_late_key`) to push its predictions
+   itself and the unfinished tasks are answered without ``result``;
+3. with more tasks, ``batch`` jobs are enqueued (``push``: the workers write each prediction to Label
+   Studio) and the answer is immediate: tasks not yet done get an entry without ``result``
+   (``{"model_version", "score": 0, "status": "queued", "job": id}``). For a day after such a
+   job is enqueued (:func:`backend.jobs.push_owner_key`; dropped when the task fails), ``/predict``
+   answers its tasks without a result too: Label
+   Studio stores what /predict answers, so answering them would give a task two predictions.
+
+Every Redis failure surfaces as :class:`~backend.redis_conn.RedisUnavailable` (the server answers 503).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from backend.jobs import push_owner_key
+from backend.label_config import LabelConfig
+from backend.queues import (PRIORITIES, ResultCache, enqueue_predictions, job_info, ls_cache_tags, project_progress,
+                            queue_name)
+from backend.redis_conn import RedisUnavailable, get_connection, redis_url
+from backend.settings import Settings
+
+__all__ = ["PredictionQueue", "task_ref"]
+
+log = logging.getLogger("backend.queue")
+
+_POLL = 0.05
+
+
+def task_ref(task: dict, config: LabelConfig) -> str | None:
+    """The image reference (URL or path) of a Label Studio task, or None."""
+    data = task.get("data") if isinstance(task, dict) else None
+    ref = (data or {}).get(config.image_key)
+    return str(ref) if ref else None
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    from urllib.parse import urlparse
+
+    p = urlparse(url)
+    if p.password:
+        return url.replace(f":{p.password}@", ":***@", 1)
+    return url
+
+
+class PredictionQueue:
+    """Enqueue predictions and wait for them, for one web process (thread-safe)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._url: str | None = None
+        self._conn: redis.Redis | None = None
+
+    # -- connection --------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """REDIS_URL; else the embedded Valkey, started at first use (later outages are not healed
+        here: the server answers 503 until it is back)."""
+        with self._lock:
+            if self._url is None:
+                if self.settings.redis_url:
+                    self._url = self.settings.redis_url
+                else:
+                    import os
+                    if os.environ.get("REDIS_URL"):
+                        self._url = os.environ["REDIS_URL"]
+                    else:
+                        self._url = redis_url(start_embedded=True)   # EmbeddedServerError is a RedisUnavailable
+            return self._url
+
+    def connection(self) -> redis.Redis:
+        url = self.url
+        with self._lock:
+            if self._conn is None:
+                self._conn = get_connection(url, socket_connect_timeout=2, socket_timeout=10,
+                                            retry=Retry(NoBackoff(), 1))
+            return self._conn
+
+    def _unavailable(self, exc: BaseException) -> RedisUnavailable:
+        where = _redacted(self._url) if self._url else "(not started)"
+        return RedisUnavailable(f"the job queue is unavailable: Redis at {where} does not answer "
+                                f"({type(exc).__name__}: {exc}); predictions resume when it is back "
+                                "(start it, e.g. `tag2mask up`, or set TAG2MASK_QUEUE=off)")
+
+    def status(self, timeout: float = 0.5) -> dict:
+        """Queue state for /health, never blocking longer than about `timeout` seconds and never
+        starting a server: ``{"mode": "queue", "redis": "up"|"down"|"not started", "queues": {...},
+        "workers": n}`` (+ ``"error"`` when down)."""
+        out: dict[str, Any] = {"mode": "queue"}
+        url = self._url or self.settings.redis_url
+        if url is None:
+            try:
+                url = redis_url(start_embedded=False)
+            except RedisUnavailable:
+                out["redis"] = "not started"
+                return out
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        try:
+            from rq.worker_registration import get_keys
+
+            from backend.queues import get_queues
+
+            pipe = client.pipeline(transaction=False)
+            for p in PRIORITIES:
+                pipe.llen(f"rq:queue:{queue_name(p)}")
+            lengths = pipe.execute()
+            out["redis"] = "up"
+            out["queues"] = {p: int(n) for p, n in zip(PRIORITIES, lengths)}
+            out["workers"] = len(set().union(*(get_keys(queue=q) for q in get_queues(client, PRIORITIES[:2]))))
+        except (redis.RedisError, OSError) as exc:
+            out["redis"] = "down"
+            out["error"] = f"Redis at {_redacted(url)}: {type(exc).__name__}"
+        finally:
+            client.close()
+        return out
+
+    # -- predict -----------------------------------------------------------------------------
+    def _job_task(self, task: dict, config: LabelConfig) -> dict:
+        from backend.model import choose_tags
+
+        ref = task_ref(task, config)
+        if not ref:
+            raise ValueError(f"task data has no {config.image_key!r} field")
+        return {"id": task.get("id"), "image": ref, "tags": choose_tags(task, config) or [], "ls": True}
+
+    def _creds(self, model) -> dict:
+        creds = {}
+        if model.hostname and not self.settings.label_studio_url:
+            creds["url"] = model.hostname
+        if model.access_token and not self.settings.label_studio_api_key:
+            creds["token"] = model.access_token
+        return creds if len(creds) == 2 else {}
+
+    def predict(self, model, tasks: list, project: str | None) -> list[dict]:
+        """One entry per task, in order (see the module docstring). Raises RedisUnavailable."""
+        config = model.use_label_config(None)
+        version = model.model_version
+        results: list[dict | None] = [None] * len(tasks)
+        pending: list[tuple[int, dict]] = []
+        for i, task in enumerate(tasks):
+            try:
+                if not isinstance(task, dict):
+                    raise ValueError("a task must be a JSON object")
+                job_task = self._job_task(task, config)
+            except ValueError as exc:
+                results[i] = {"model_version": version, "score": 0.0, "error": str(exc)}
+                continue
+            pending.append((i, job_task))
+        try:
+            conn = self.connection()
+            cache = ResultCache(conn)
+            todo = []
+            owners = conn.mget([push_owner_key(jt["id"], version) for _, jt in pending]) if pending else []
+            for (i, jt), owner in zip(pending, owners):
+                if owner is not None:   # a worker pushes this one to Label Studio: answering it too would
+                    results[i] = {"model_version": version, "score": 0.0, "status": "pushed by a worker",
+                                  "job": owner.decode() if isinstance(owner, bytes) else str(owner)}
+                    continue            # make Label Studio store two predictions
+                hit = cache.get(jt["id"], "ref:" + jt["image"], ls_cache_tags(jt["tags"]), version)
+                if hit is not None:
+                    results[i] = hit
+                else:
+                    todo.append((i, jt))
+            if todo:
+                if len(todo) <= max(0, self.settings.sync_max_tasks):
+                    self._predict_waiting(conn, model, project, todo, results)
+                else:
+                    self._predict_batch(conn, model, project, todo, results, push=True)
+        except (redis.RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        return [r for r in results]   # every entry is set
+
+    def _enqueue(self, conn, model, project, todo, *, priority: str, push: bool, chunk: int):
+        return enqueue_predictions(conn, project=project or "_", tasks=[jt for _, jt in todo],
+                                   label_config=model.label_config, model_version=model.model_version,
+                                   priority=priority, chunk_size=chunk, push=push,
+                                   label_studio=self._creds(model))
+
+    def _predict_batch(self, conn, model, project, todo, results, *, push: bool) -> list:
+        chunk = max(1, self.settings.batch_chunk)
+        jobs = self._enqueue(conn, model, project, todo, priority="batch", push=push, chunk=chunk)
+        pipe = conn.pipeline(transaction=False)
+        for n, (i, jt) in enumerate(todo):
+            job = jobs[n // chunk][0]
+            results[i] = {"model_version": model.model_version, "score": 0.0, "status": "queued", "job": job.id}
+            if push:
+                pipe.set(push_owner_key(jt["id"], model.model_version), job.id, ex=24 * 3600)
+        pipe.execute()
+        return jobs
+
+    def _predict_waiting(self, conn, model, project, todo, results) -> None:
+        from rq.job import JobStatus
+
+        from backend.jobs import push_late_key
+
+        (job, _), = self._enqueue(conn, model, project, todo, priority="interactive", push=False,
+                                  chunk=len(todo))
+        deadline = time.monotonic() + max(0.0, self.settings.predict_deadline)
+        status = job.get_status(refresh=True)
+        while status not in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) \
+                and time.monotonic() < deadline:
+            time.sleep(_POLL)
+            status = job.get_status(refresh=True)
+        version = model.model_version
+        if status == JobStatus.FINISHED:
+            predictions = (job.return_value() or {}).get("predictions", {})
+            for i, jt in todo:
+                results[i] = predictions.get(str(jt["id"])) or \
+                    {"model_version": version, "score": 0.0, "error": "the worker returned no prediction"}
+            return
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            job.refresh()
+            errors = dict(job.meta.get("errors") or {})
+            info = job_info(conn, job.id) or {}
+            cache = ResultCache(conn)
+            for i, jt in todo:   # tasks of the job that did succeed are in the cache
+                hit = cache.get(jt["id"], "ref:" + jt["image"], ls_cache_tags(jt["tags"]), version)
+                results[i] = hit or {"model_version": version, "score": 0.0,
+                                     "error": errors.get(str(jt["id"])) or info.get("error") or f"job {status.value}"}
+            return
+        # deadline: let the job write its predictions to Label Studio itself
+        conn.set(push_late_key(job.id), 1, ex=7 * 24 * 3600)
+        log.warning("job %s not done within %.0f s (TAG2MASK_PREDICT_DEADLINE): its predictions will be "
+                    "pushed to Label Studio by the worker", job.id, self.settings.predict_deadline)
+        for i, jt in todo:
+            results[i] = {"model_version": version, "score": 0.0, "status": str(status.value if status else "queued"),
+                          "job": job.id}
+
+    # -- webhooks, progress ------------------------------------------------------------------
+    def prelabel(self, model, tasks: list, project: str | None) -> dict:
+        """Enqueue batch pre-labeling (pushed by workers) of Label Studio tasks; returns
+        ``{"status": "queued", "tasks": n, "jobs": [ids], "skipped": n}``."""
+        config = model.use_label_config(None)
+        todo, skipped = [], 0
+        for i, task in enumerate(tasks or []):
+            try:
+                todo.append((i, self._job_task(task, config)))
+            except (ValueError, AttributeError):
+                skipped += 1
+        if not todo:
+            return {"status": "queued", "tasks": 0, "jobs": [], "skipped": skipped}
+        try:
+            conn = self.connection()
+            results: list = [None] * (len(tasks))
+            jobs = self._predict_batch(conn, model, project, todo, results, push=True)
+        except (redis.RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        return {"status": "queued", "tasks": len(todo), "jobs": [j.id for j, _ in jobs], "skipped": skipped}
+
+    def job(self, job_id: str) -> dict | None:
+        try:
+            conn = self.connection()
+            conn.ping()          # job_info reads "unknown job" into any error: tell an outage apart
+            return job_info(conn, job_id)
+        except (redis.RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    def progress(self, project: str) -> dict:
+        try:
+            return project_progress(self.connection(), project)
+        except (redis.RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
