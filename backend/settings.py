@@ -14,7 +14,7 @@ WORKERS                    1                    gunicorn worker processes (each 
 THREADS                    4                    gunicorn threads per worker (inference is serialised by a lock)
 TAG2MASK_BACKBONE          efficientnet_lite0   classifier (explainers.load_backbone name)
 TAG2MASK_PRESET            balanced             pipeline preset: fast | balanced | best
-TAG2MASK_DEVICE            cpu                  torch device ("cpu", "cuda", "auto")
+TAG2MASK_DEVICE            auto                 torch device ("cpu", "cuda", "cuda:1", "auto": CUDA when present)
 TAG2MASK_THRESHOLD         0.2                  a config label is predicted when its tag score >= this;
                                                 if none passes, the best label is used alone
 TAG2MASK_MAX_TAGS          3                    at most this many classifier-chosen labels per photo
@@ -73,7 +73,7 @@ class Settings:
     threads: int = 4
     backbone: str = "efficientnet_lite0"
     preset: str = "balanced"
-    device: str = "cpu"
+    device: str = "auto"
     threshold: float = 0.2
     max_tags: int = 3
     local_roots: list[Path] = field(default_factory=list)
@@ -105,7 +105,7 @@ class Settings:
             threads=int(e.get("THREADS") or 4),
             backbone=e.get("TAG2MASK_BACKBONE") or "efficientnet_lite0",
             preset=e.get("TAG2MASK_PRESET") or "balanced",
-            device=e.get("TAG2MASK_DEVICE") or "cpu",
+            device=e.get("TAG2MASK_DEVICE") or "auto",
             threshold=float(e.get("TAG2MASK_THRESHOLD") or 0.2),
             max_tags=int(e.get("TAG2MASK_MAX_TAGS") or 3),
             local_roots=[Path(p) for p in _list(e.get("TAG2MASK_LOCAL_ROOTS"), os.pathsep)],
