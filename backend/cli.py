@@ -79,9 +79,11 @@ def make_engine(args):
 def model_version(args) -> str:
     """The model version the ML backend reports for these settings (backend.model), or
     $TAG2MASK_MODEL_VERSION as there."""
-    from backend.model import VERSION
+    from backend.model import base_model_version
+    from backend.settings import Settings
 
-    return os.environ.get("TAG2MASK_MODEL_VERSION") or f"tag2mask-{VERSION}-{args.backbone}-{args.preset}"
+    return base_model_version(Settings(backbone=args.backbone, preset=args.preset,
+                                       model_version=os.environ.get("TAG2MASK_MODEL_VERSION") or None))
 
 
 def check_tags(engine, tags: Sequence[str], what: str = "--tags") -> None:

@@ -276,28 +276,32 @@ def _connection():
 _models: dict[tuple, Any] = {}
 
 
-def _ls_model(label_config: str, model_version: str):
-    """A :class:`backend.model.Tag2MaskModel` for a labeling config, cached per process (its engine is
-    ``backend.model.get_engine``: loaded once per process, on ``$TAG2MASK_DEVICE``)."""
-    from dataclasses import replace
-
+def _ls_model(label_config: str, model_version: str, project: Any = None):
+    """A :class:`backend.model.Tag2MaskModel` for a labeling config and project, cached per process (its
+    engine is ``backend.model.get_engine``: loaded once per process, on ``$TAG2MASK_DEVICE``). It
+    predicts with the project's promoted trained heads (``backend.model.get_heads_cache``) and
+    reports `model_version`, the version the web server chose (and keyed the result cache by)."""
     from backend.model import Tag2MaskModel
     from backend.settings import Settings
 
-    key = (label_config, str(model_version))
+    project = None if project in (None, "", "_") else str(project)
+    key = (label_config, str(model_version), project)
     with _engine_lock:
         model = _models.get(key)
         if model is None:
-            settings = replace(Settings.from_env(), model_version=str(model_version))
-            model = _models[key] = Tag2MaskModel(settings, label_config=label_config)
+            if len(_models) > 256:
+                _models.clear()
+            model = _models[key] = Tag2MaskModel(Settings.from_env(), project_id=project, label_config=label_config,
+                                                 version=str(model_version))
             model.setup()
         return model
 
 
 def predict_one(task: Mapping[str, Any], *, label_config: str, model_version: str,
                 cache=None, engine_options: Mapping[str, Any] | None = None,
-                label_studio: Mapping[str, Any] | None = None) -> tuple[dict, bool]:
-    """Prediction of one task; returns ``(prediction, from_cache)``.
+                label_studio: Mapping[str, Any] | None = None, project: Any = None) -> tuple[dict, bool]:
+    """Prediction of one task; returns ``(prediction, from_cache)``. Label Studio tasks of a `project`
+    with a promoted trained model use its heads.
 
     Two kinds of task:
 
@@ -327,7 +331,7 @@ def predict_one(task: Mapping[str, Any], *, label_config: str, model_version: st
     from explainers.imageio import load_image
 
     if ls_task:
-        model = _ls_model(label_config, model_version)
+        model = _ls_model(label_config, model_version, project)
         prediction = model.predict_image(load_image(data), model.parsed, task.get("tags") or None,
                                          task_id=task.get("id"))
     else:
@@ -397,7 +401,8 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
         try:
             prediction, cached = predict_one(task, label_config=request["label_config"],
                                              model_version=str(request["model_version"]), cache=cache,
-                                             engine_options=request.get("engine"), label_studio=creds)
+                                             engine_options=request.get("engine"), label_studio=creds,
+                                             project=request.get("project"))
             out["predictions"][str(tid)] = prediction
             if cached:
                 out["cached"].append(tid)

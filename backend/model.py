@@ -4,10 +4,13 @@ Public API::
 
     model = Tag2MaskModel(settings=None, project_id=None, label_config=None)
     model.setup()                          # parses label_config (LabelConfigError if unusable)
-    model.model_version                    # str, stable per settings: what /setup returns
+    model.model_version                    # str: base_model_version(settings) + "+p<project>.vN" when the
+                                           # project has promoted trained heads; what /setup returns
     model.predict(tasks, context=None, **kw) -> list[dict]   # one prediction per task, in order
     model.fit(event, data, **kw) -> dict                     # records training events (events.jsonl)
     get_engine(settings) -> (Tag2Mask, threading.Lock)       # one engine per process, loaded once
+    base_model_version(settings) -> str    # tag2mask-<release>-<backbone>-<preset>-<config hash> (or override)
+    get_heads_cache(settings) -> ProjectHeadsCache            # one per process: promoted heads per project
     choose_tags(task, config) -> list[str] | None            # the human Choices of the latest annotation
 
 Tags for a task: when the task has a human annotation (most recent by updated/created time, not
@@ -17,12 +20,23 @@ when none passes, the single best label is used anyway (a low-confidence pre-ann
 useful start, and its low score sorts it first for review). Labels the engine cannot map
 (UnknownTagError) are left out, with a warning once per config.
 
+Trained heads: a prediction for a project with a promoted model (``backend.registry``, trained by
+``backend.training_jobs``) runs the engine with that project's heads (``engine.set_heads``, under the
+inference lock; the seg head is fused before the CRF for the tags it knows) and reports
+``<base>+p<project>.vN``. The heads come from one :class:`backend.training_jobs.ProjectHeadsCache`
+per process (``TAG2MASK_HEADS_TTL`` seconds, default 30), reading the registry in ``MODEL_DIR``, or
+the Redis mirror (:class:`backend.training_jobs.RedisModelStore`) for projects that registry lacks
+when ``REDIS_URL`` is set. The heads' classifier head is not used to choose tags yet (tags still
+come from the ImageNet classifier or the annotation).
+
 A task that fails (image unreadable, not allowed, no usable tag) becomes
 ``{"model_version": v, "score": 0.0, "error": "<reason>"}`` -- no "result", so Label Studio skips it --
 and the batch goes on.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +51,7 @@ from backend.ls_results import make_prediction
 from backend.settings import Settings
 
 __all__ = ["Tag2MaskModel", "get_engine", "engine_loaded", "choose_tags", "TRAINING_EVENTS", "VERSION",
-           "EventLog"]
+           "EventLog", "base_model_version", "get_heads_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +90,79 @@ def get_engine(settings: Settings):
                 log.info("model loaded: %s / %s on %s in %.1f s", settings.backbone, settings.preset,
                          settings.device, time.perf_counter() - t)
     return _ENGINE, _INFER_LOCK
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_hash(preset: str) -> str:
+    """Six hex digits of the preset's pipeline settings: a tuning change makes a new model version."""
+    from explainers.segment import PipelineConfig
+
+    blob = json.dumps(PipelineConfig.preset(preset).to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:6]
+
+
+def base_model_version(settings: Settings) -> str:
+    """``TAG2MASK_MODEL_VERSION``, else ``tag2mask-<release>-<backbone>-<preset>-<hash of the preset>``."""
+    if settings.model_version:
+        return settings.model_version
+    return f"tag2mask-{VERSION}-{settings.backbone}-{settings.preset}-{_preset_hash(settings.preset)}"
+
+
+class _HeadsSource:
+    """Where promoted checkpoints are read: the registry in ``MODEL_DIR`` for the projects it has,
+    else (when a Redis URL is configured) the Redis mirror. ``current``/``load`` as ModelRegistry's."""
+
+    def __init__(self, settings: Settings):
+        from backend.registry import ModelRegistry
+
+        self.registry = ModelRegistry.in_model_dir(settings.model_dir)
+        self.redis_url = settings.redis_url
+        self._redis = None
+
+    def _pick(self, project):
+        if self.redis_url is None or self.registry.versions(project):
+            return self.registry
+        if self._redis is None:
+            from backend.redis_conn import get_connection
+            from backend.training_jobs import RedisModelStore
+
+            self._redis = RedisModelStore(get_connection(self.redis_url, start_embedded=False, socket_timeout=10))
+        return self._redis
+
+    def current(self, project):
+        try:
+            return self._pick(project).current(project)
+        except Exception as exc:  # noqa: BLE001 - Redis down / bad project name: serve without heads
+            log.warning("project %s: promoted model unknown (%s)", project, exc)
+            return None
+
+    def load(self, project, version=None, map_location="cpu"):
+        import redis
+
+        from backend.registry import RegistryError
+
+        try:
+            return self._pick(project).load(project, version, map_location=map_location)
+        except (redis.RedisError, OSError) as exc:      # Redis down: load_project_heads serves without heads
+            raise RegistryError(f"project {project}: {exc}") from None
+
+
+_HEADS_CACHE = None
+_HEADS_KEY = None
+
+
+def get_heads_cache(settings: Settings):
+    """The process's :class:`backend.training_jobs.ProjectHeadsCache` on the engine's backbone."""
+    global _HEADS_CACHE, _HEADS_KEY
+    engine, _ = get_engine(settings)
+    key = (id(engine), str(settings.model_dir), settings.redis_url)
+    with _ENGINE_LOCK:
+        if _HEADS_CACHE is None or _HEADS_KEY != key:
+            from backend.training_jobs import ProjectHeadsCache
+
+            ttl = float(os.environ.get("TAG2MASK_HEADS_TTL") or 30)
+            _HEADS_CACHE, _HEADS_KEY = ProjectHeadsCache(_HeadsSource(settings), engine.backbone, ttl=ttl), key
+        return _HEADS_CACHE
 
 
 def engine_loaded(settings: Settings | None = None) -> bool:
@@ -141,7 +228,7 @@ class Tag2MaskModel:
 
     def __init__(self, settings: Settings | None = None, project_id: str | None = None,
                  label_config: str | None = None, hostname: str | None = None, access_token: str | None = None,
-                 fetcher: ImageFetcher | None = None):
+                 fetcher: ImageFetcher | None = None, version: str | None = None):
         self.settings = settings or Settings.from_env()
         self.project_id = project_id
         self.label_config = label_config
@@ -150,12 +237,41 @@ class Tag2MaskModel:
         self.fetcher = fetcher or ImageFetcher(self.settings)
         self.parsed: LabelConfig | None = None
         self._unknown_warned: set[str] = set()
+        self.fixed_version = version      # a queue worker reports the version the web process chose
 
     # -- LabelStudioMLBase-like ------------------------------------------------------------------
     @property
     def model_version(self) -> str:
-        s = self.settings
-        return s.model_version or f"tag2mask-{VERSION}-{s.backbone}-{s.preset}"
+        """What /setup and predictions report: the base version, plus ``+p<project>.vN`` when the
+        project has a promoted trained model (read from the registry now)."""
+        if self.fixed_version:
+            return self.fixed_version
+        if self.project_id is None:
+            return base_model_version(self.settings)
+        from backend.training_jobs import current_model_version
+
+        return current_model_version(self.project_id, self.settings)
+
+    def _heads(self) -> tuple[str, Any]:
+        """(version to report, heads or None) for this model's project, from the process's cache."""
+        if self.project_id is None:
+            return self.model_version, None
+        from backend.training_jobs import project_model_version
+
+        cache = get_heads_cache(self.settings)
+        current, heads = cache.get(self.project_id)
+        if self.fixed_version:
+            # a worker: the web process chose the version (and keys the result cache by it); re-read
+            # the promoted model at once when the cache lags behind it
+            marker = project_model_version("", self.project_id, "x")[:-1]      # "+p<project>."
+            want = self.fixed_version.rsplit(marker, 1)[1] if marker in self.fixed_version else None
+            if want != current:
+                cache.invalidate(self.project_id)
+                current, heads = cache.get(self.project_id)
+                if want != current:
+                    log.warning("project %s: asked for %s, serving %s", self.project_id, want, current)
+            return self.fixed_version, heads
+        return project_model_version(base_model_version(self.settings), self.project_id, current), heads
 
     def setup(self) -> None:
         """Parse the labeling config (when one is given); raises LabelConfigError if it is unusable."""
@@ -221,7 +337,9 @@ class Tag2MaskModel:
         config labels the classifier picks. Used by :meth:`predict_one` and by queue workers."""
         extra = {label: names for label, names in config.tag_queries().items() if names}
         engine, lock = get_engine(self.settings)
+        version, heads = self._heads()
         with lock:
+            engine.set_heads(heads)
             engine.tag_extra = extra or None
             usable = self._usable_labels(engine, config, extra)
             if human is not None:
@@ -237,7 +355,7 @@ class Tag2MaskModel:
                 tags = tags or ranked[:1]
             photo = engine.predict(image, tags)
         log.info("task %s: tags %s (from %s)", task_id, tags, "annotation" if human is not None else "classifier")
-        return make_prediction(photo, config, self.model_version)
+        return make_prediction(photo, config, version)
 
     # -- fit -------------------------------------------------------------------------------------
     def fit(self, event: str, data: dict, **kwargs) -> dict:

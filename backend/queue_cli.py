@@ -4,7 +4,8 @@
         queue counts (queued / started / finished / failed per queue), or one project's progress
         (queued / running / done / failed tasks, rate, ETA); --watch: a progress bar until done
     tag2mask up [--host H] [--port P] [--no-scheduler] [--device D]
-        one machine: the embedded Valkey (unless REDIS_URL is set), one worker, the scheduler and the
+        one machine: the embedded Valkey (unless REDIS_URL is set), one worker, the scheduler (RQ's
+        janitor and the training scheduler: ``backend.worker --scheduler``) and the
         web server (TAG2MASK_QUEUE=on); Ctrl-C / SIGTERM stops them all, and the Valkey it started
 
 :func:`add_parsers` hooks both into backend/cli.py's sub-commands.

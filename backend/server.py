@@ -21,7 +21,7 @@ route              method  reply
 /projects/<id>/    GET     ``{"project", "jobs", "tasks", "queued", "running", "done", "failed", "rate",
   progress                 "eta_s"}`` over the project's prediction jobs
 /versions          GET     ``{"versions": [model_version]}`` (Label Studio sends GET with a JSON body;
-                   POST    the body is ignored)
+                   POST    the project's version when the body or ``?project=`` names one, else the base)
 /metrics           GET     per-process counters, JSON; Prometheus text with ``?format=prometheus`` or
                            ``Accept: text/plain``
 =================  ======  ==================================================================================
@@ -277,7 +277,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        return jsonify({"versions": [version]})
+        data = request.get_json(silent=True, force=True) if request.data else None
+        project = _project_id(data.get("project")) if isinstance(data, dict) else None
+        project = project or _project_id(request.args.get("project"))
+        if project is None:
+            return jsonify({"versions": [version]})
+        return jsonify({"versions": [model_for(project).model_version]})
 
     @app.get("/metrics")
     def metrics_route():

@@ -61,6 +61,7 @@ __all__ = [
     "TRAIN_FUNC", "START_TRAINING", "handle_training_event", "check_projects", "training_tick",
     "run_training_scheduler", "register_cron", "train_project", "train_and_register", "samples_from_store",
     "enqueue_training", "train_job_id", "last_trained_revision", "load_project_heads", "current_model_version",
+    "project_model_version",
     "ProjectHeadsCache", "RedisModelStore", "get_backbone", "parse_config_cached",
 ]
 
@@ -673,14 +674,20 @@ def load_project_heads(registry: ModelRegistry, project, backbone, version: str 
         return None
 
 
+def project_model_version(base: str, project, current: str | None) -> str:
+    """`base` plus ``+p<project>.<current>`` when `current` (a promoted version) is given."""
+    return f"{base}+p{_safe(project)}.{current}" if (current and project is not None) else base
+
+
 def current_model_version(project, settings: Settings | None = None, registry: ModelRegistry | None = None) -> str:
     """The model version string to report for `project`: the base version
-    (``tag2mask-<release>-<backbone>-<preset>`` or ``TAG2MASK_MODEL_VERSION``), plus
-    ``+p<project>.<version>`` when the project has a promoted trained model."""
-    from backend.model import VERSION
+    (:func:`backend.model.base_model_version`: ``tag2mask-<release>-<backbone>-<preset>-<config hash>``
+    or ``TAG2MASK_MODEL_VERSION``), plus ``+p<project>.<version>`` when the project has a promoted
+    trained model."""
+    from backend.model import base_model_version
 
     settings = settings or Settings.from_env()
-    base = settings.model_version or f"tag2mask-{VERSION}-{settings.backbone}-{settings.preset}"
+    base = base_model_version(settings)
     if project is None:
         return base
     registry = registry or ModelRegistry.in_model_dir(settings.model_dir)
@@ -688,7 +695,7 @@ def current_model_version(project, settings: Settings | None = None, registry: M
         current = registry.current(project)
     except ValueError:
         return base
-    return f"{base}+p{_safe(project)}.{current}" if current else base
+    return project_model_version(base, project, current)
 
 
 class ProjectHeadsCache:

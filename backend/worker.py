@@ -14,7 +14,10 @@
   ``$TAG2MASK_MAINTENANCE_INTERVAL`` s, and by the scheduler loop) requeues the job while it has
   retries left (jobs are enqueued with ``Retry``), else records it failed (AbandonedJobError).
 * :func:`run_scheduler` (``--scheduler``) runs no jobs: it moves due scheduled/retried jobs to their
-  queues and cleans the registries every few seconds (the compose "scheduler" service).
+  queues and cleans the registries every few seconds (the compose "scheduler" service), and, in a
+  thread, :func:`backend.training_jobs.run_training_scheduler` (queues a project's retraining every
+  ``TRAIN_INTERVAL`` s when enough examples changed, mirrors promoted models into Redis; it needs
+  ``MODEL_DIR``; ``--no-training`` leaves it out).
 """
 from __future__ import annotations
 
@@ -214,9 +217,10 @@ def clean_queues(connection: redis.Redis, priorities: Sequence[str] | None = Non
 
 
 def run_scheduler(connection: redis.Redis | None = None, priorities: Sequence[str] | None = None,
-                  interval: float = 5.0, stop: threading.Event | None = None) -> None:
+                  interval: float = 5.0, stop: threading.Event | None = None, training: bool = True) -> None:
     """Scheduler/janitor loop: enqueue due scheduled jobs (RQ's scheduler lock keeps one active
-    per queue) and clean the registries every `interval` seconds, until SIGTERM/SIGINT or `stop`."""
+    per queue) and clean the registries every `interval` seconds, until SIGTERM/SIGINT or `stop`.
+    With `training`, the training scheduler loop runs in a thread beside it (same `stop`)."""
     connection = connection or get_connection()
     wait_until_up(connection, timeout=float(os.environ.get("TAG2MASK_REDIS_WAIT", 30)))
     queues = get_queues(connection, priorities)
@@ -226,6 +230,17 @@ def run_scheduler(connection: redis.Redis | None = None, priorities: Sequence[st
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     scheduler.register_birth()
+    trainer = None
+    if training:
+        from backend.training_jobs import run_training_scheduler
+
+        def _train_loop():
+            try:
+                run_training_scheduler(connection, stop_event=stop)
+            except Exception:   # noqa: BLE001 - reported; the janitor loop goes on
+                log.exception("training scheduler stopped")
+        trainer = threading.Thread(target=_train_loop, name="tag2mask-training-scheduler", daemon=True)
+        trainer.start()
     try:
         while not stop.is_set():
             try:
@@ -239,6 +254,9 @@ def run_scheduler(connection: redis.Redis | None = None, priorities: Sequence[st
                 log.warning("scheduler: Redis error (%s); retrying in %.0f s", exc, interval)
             stop.wait(interval)
     finally:
+        stop.set()
+        if trainer is not None:
+            trainer.join(timeout=10)
         try:
             scheduler.stop()
         except redis.RedisError:
@@ -258,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", action="store_true",
                    help="run the scheduler/janitor loop instead of a worker (no jobs)")
     p.add_argument("--interval", type=float, default=5.0, help="scheduler loop period, seconds")
+    p.add_argument("--no-training", action="store_true",
+                   help="with --scheduler: no training scheduler loop (retraining checks, model sync)")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return p
 
@@ -267,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = get_connection(args.redis_url)
     if args.scheduler:
-        run_scheduler(conn, args.queues, interval=args.interval)
+        run_scheduler(conn, args.queues, interval=args.interval, training=not args.no_training)
         return 0
     run_worker(args.queues, device=args.device, burst=args.burst, connection=conn, name=args.name,
                preload=args.preload, max_jobs=args.max_jobs, logging_level=args.log_level.upper())

@@ -62,7 +62,8 @@ def test_label_writes_masks_overlays_tasks_and_errors(label_run):
 
 def test_label_tasks_json_brush_rle_decodes_to_photo_size(label_run):
     from backend.ls_results import decode_rle
-    from backend.model import VERSION
+    from backend.model import VERSION, base_model_version
+    from backend.settings import Settings
 
     tasks = json.loads((label_run["out"] / "tasks.json").read_text())
     assert len(tasks) == 3
@@ -72,7 +73,8 @@ def test_label_tasks_json_brush_rle_decodes_to_photo_size(label_run):
         w, h = Image.open(photo).size
         pred = task["predictions"][0]
         assert set(pred) == {"model_version", "score", "result"}
-        assert pred["model_version"] == f"tag2mask-{VERSION}-efficientnet_lite0-fast"   # what the backend reports
+        assert pred["model_version"] == base_model_version(Settings(preset="fast"))   # what the backend reports
+        assert pred["model_version"].startswith(f"tag2mask-{VERSION}-efficientnet_lite0-fast-")
         types = {r["type"] for r in pred["result"]}
         assert {"choices", "brushlabels", "polygonlabels", "rectanglelabels"} <= types
         for r in pred["result"]:

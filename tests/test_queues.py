@@ -317,7 +317,8 @@ def test_scheduler_requeues_abandoned_and_due_jobs(server, tmp_path):
     victim.wait(timeout=10)
 
     stop = threading.Event()
-    loop = threading.Thread(target=run_scheduler, args=(conn, None, 0.5, stop), daemon=True)
+    loop = threading.Thread(target=run_scheduler, args=(conn, None, 0.5, stop),
+                            kwargs={"training": False}, daemon=True)
     loop.start()
     try:
         deadline = time.monotonic() + 15
