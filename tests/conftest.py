@@ -57,3 +57,16 @@ def horse_photo(horse_dir):
     img = load_image(horse_dir / "images" / f"{stem}.jpg")
     mask = np.asarray(Image.open(horse_dir / "masks" / f"{stem}.png")) > 0
     return img, mask
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio server (own venv, fresh data dir) for the tests that need it."""
+    from tests.labelstudio import LabelStudio
+
+    ls = LabelStudio(data_dir=tmp_path_factory.mktemp("ls-data"))
+    ls.start()
+    try:
+        yield ls
+    finally:
+        ls.stop()

@@ -19,7 +19,7 @@ from PIL import Image
 from backend.label_config import DEFAULT_LABEL_CONFIG
 from backend.ls_results import decode_rle
 from tests.conftest import horse_stems
-from tests.labelstudio import BackendProcess, LabelStudio
+from tests.labelstudio import BackendProcess
 
 pytestmark = pytest.mark.labelstudio
 
@@ -33,21 +33,19 @@ def _iou(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(label_studio, tmp_path_factory):
     assert set(STEMS) <= set(horse_stems("test"))
     timings = {}
     t = time.monotonic()
-    ls = LabelStudio(data_dir=tmp_path_factory.mktemp("ls-data"))
+    ls = label_studio
     backend = BackendProcess(env={"TAG2MASK_PRESET": "fast"}, workdir=tmp_path_factory.mktemp("backend"))
     try:
         backend.start()
-        ls.start()
         timings["ls_start_s"] = ls.start_seconds
         timings["stack_ready_s"] = time.monotonic() - t
         yield ls, backend, timings
     finally:
         backend.stop()
-        ls.stop()
         print("\nbackend log tail:\n", backend.log_path.read_text(errors="replace")[-1500:]
               if backend.log_path.exists() else "")
 

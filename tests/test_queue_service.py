@@ -269,18 +269,6 @@ def test_tag2mask_up_serves_and_stops_cleanly(horse_dir, tmp_path):
 
 
 # -- with a real Label Studio -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    from tests.labelstudio import LabelStudio
-
-    ls = LabelStudio(data_dir=tmp_path_factory.mktemp("ls-data"))
-    ls.start()
-    try:
-        yield ls
-    finally:
-        ls.stop()
-
-
 @pytest.mark.labelstudio
 def test_label_studio_batch_workers_push_once_despite_a_killed_worker(server, label_studio, horse_dir, tmp_path):
     """A real Label Studio retrieves predictions for a project of real photos from the backend

@@ -212,18 +212,6 @@ def test_predict_job_runs_the_engine(server, horse_dir, tmp_path):
         assert ResultCache(conn).get(t["id"], sha, ["horse"], "v-engine") == json.loads(json.dumps(pred))
 
 
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    from tests.labelstudio import LabelStudio
-
-    ls = LabelStudio(data_dir=tmp_path_factory.mktemp("ls-data"))
-    ls.start()
-    try:
-        yield ls
-    finally:
-        ls.stop()
-
-
 @pytest.mark.labelstudio
 def test_workers_push_one_prediction_per_task(server, label_studio, horse_dir, tmp_path):
     """Real Label Studio: a worker runs the engine on 2 real photos and pushes; a re-run job (same
