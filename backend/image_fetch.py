@@ -27,7 +27,6 @@ Downloads are streamed and cut at TAG2MASK_MAX_IMAGE_BYTES; decoding is explaine
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlparse
 

@@ -314,7 +314,7 @@ def test_a_label_imagenet_lacks_becomes_predictable_from_tagged_photos(settings,
     from skimage import data
 
     from ls_payloads import choices_result
-    from backend.training_jobs import handle_training_event, load_project_heads, train_project
+    from backend.training_jobs import handle_training_event, load_project_heads
     from explainers.imageio import load_image
 
     others = {"chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
