@@ -334,28 +334,57 @@ class Tag2MaskModel:
 
     def predict_image(self, image, config: LabelConfig, human: list[str] | None, task_id=None) -> dict:
         """Prediction of one photo (RGB uint8): `human` tags when given (the task's annotation), else the
-        config labels the classifier picks. Used by :meth:`predict_one` and by queue workers."""
+        config labels the classifier picks. Used by :meth:`predict_one`; raises what the photo raised."""
+        (out,) = self.predict_images([image], config, [human], [task_id])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def predict_images(self, images: list, config: LabelConfig, humans: list[list[str] | None],
+                       task_ids: list | None = None) -> list[dict | Exception]:
+        """Predictions of several photos in one engine call (``engine.predict_many``: photos batched
+        for the device), under the inference lock. ``humans[i]``: photo i's annotated tags or None
+        (the classifier picks). A photo that fails gives its Exception at its index; the rest go on.
+        Used by queue workers for their batches."""
+        if not (len(images) == len(humans) == len(task_ids if task_ids is not None else images)):
+            raise ValueError("predict_images needs as many tag lists and task ids as photos")
+        task_ids = list(task_ids) if task_ids is not None else [None] * len(images)
         extra = {label: names for label, names in config.tag_queries().items() if names}
         engine, lock = get_engine(self.settings)
         version, heads = self._heads()
+        out: list[dict | Exception | None] = [None] * len(images)
         with lock:
             engine.set_heads(heads)
             engine.tag_extra = extra or None
             usable = self._usable_labels(engine, config, extra)
-            if human is not None:
-                tags = [t for t in human if t in usable]
-                if not tags:
-                    raise ValueError(f"the annotated tags {human} map to no classifier class")
-            else:
-                if not usable:
-                    raise ValueError("no label of the labeling config maps to a classifier class")
-                scores = engine.tag_scores(image, usable)
-                ranked = sorted(usable, key=lambda t: -scores[t])
-                tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]
-                tags = tags or ranked[:1]
-            photo = engine.predict(image, tags)
-        log.info("task %s: tags %s (from %s)", task_id, tags, "annotation" if human is not None else "classifier")
-        return make_prediction(photo, config, version)
+            todo: list[tuple[int, list[str]]] = []
+            for i, (image, human) in enumerate(zip(images, humans)):
+                try:
+                    tags = self._tags_for(engine, image, usable, human)
+                    todo.append((i, tags))
+                    log.info("task %s: tags %s (from %s)", task_ids[i], tags,
+                             "annotation" if human is not None else "classifier")
+                except Exception as exc:  # noqa: BLE001 - recorded per photo
+                    out[i] = exc
+            photos = engine.predict_many([images[i] for i, _ in todo], [tags for _, tags in todo])
+        for (i, _), photo in zip(todo, photos):
+            out[i] = photo if isinstance(photo, Exception) else make_prediction(photo, config, version)
+        return out
+
+    def _tags_for(self, engine, image, usable: list[str], human: list[str] | None) -> list[str]:
+        """The tags to segment in one photo: the annotated ones the engine can map, else the config
+        labels whose classifier score passes the threshold (at least the best one)."""
+        if human is not None:
+            tags = [t for t in human if t in usable]
+            if not tags:
+                raise ValueError(f"the annotated tags {human} map to no classifier class")
+            return tags
+        if not usable:
+            raise ValueError("no label of the labeling config maps to a classifier class")
+        scores = engine.tag_scores(image, usable)
+        ranked = sorted(usable, key=lambda t: -scores[t])
+        tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]
+        return tags or ranked[:1]
 
     # -- fit -------------------------------------------------------------------------------------
     def fit(self, event: str, data: dict, **kwargs) -> dict:

@@ -375,8 +375,9 @@ class ProjectHeads:
     """
 
     def __init__(self, backbone: Backbone, classifier: ClassifierHead | None, segmenter: SegHead | None,
-                 layers: Sequence[str], size: int):
+                 layers: Sequence[str], size: int, fusion_weight: float | None = None):
         self.backbone = backbone
+        self.fusion_weight = None if fusion_weight is None else float(fusion_weight)   # chosen on validation
         self.features = BackboneFeatures(backbone, layers)
         self.classifier = classifier.to(backbone.device).eval() if classifier is not None else None
         self.segmenter = segmenter.to(backbone.device).eval() if segmenter is not None else None
@@ -394,7 +395,8 @@ class ProjectHeads:
             head = (ClassifierHead if kind == "classifier" else SegHead).from_spec(part["spec"])
             head.load_state_dict(part["state"])
             return head
-        return cls(backbone, unpack("classifier"), unpack("segmenter"), ckpt["layers"], ckpt["size"])
+        return cls(backbone, unpack("classifier"), unpack("segmenter"), ckpt["layers"], ckpt["size"],
+                   ckpt.get("fusion_weight"))
 
     @property
     def labels(self) -> list[str]:

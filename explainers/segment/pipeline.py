@@ -138,16 +138,30 @@ class Tag2Mask:
         cfg = self.config
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        sets = [self.class_set(t) for t in tags]
-        timings["tags"] = time.perf_counter() - t0
+        cam = self._cam_output(image, tags)
+        timings["cam"] = time.perf_counter() - t0
+        return self._from_cam(image, tags, cam, timings, t0)
 
-        t = time.perf_counter()
-        cam = self.cam_stage(image, sets)
+    def _head_tags(self, tags: Sequence[str]) -> list[str]:
+        """The tags whose CAM comes from the project's classifier head instead of the backbone's
+        classifier (none without heads)."""
+        return []
+
+    def _cam_output(self, image: np.ndarray, tags: Sequence[str]):
+        """Stage 1 for one photo: the CAM maps and tag probabilities of `tags`, in order
+        (:class:`~explainers.segment.cam_stage.CAMOutput`)."""
+        cam = self.cam_stage(image, [self.class_set(t) for t in tags])
+        if cam.maps.is_cuda:
+            torch.cuda.synchronize()
+        return cam
+
+    def _from_cam(self, image: np.ndarray, tags: Sequence[str], cam, timings: dict[str, float],
+                  t0: float) -> tuple[PhotoResult, np.ndarray]:
+        """Stages 2-5 for one photo, from its :class:`CAMOutput` (the maps of `tags`, in order)."""
+        cfg = self.config
+        h, w = image.shape[:2]
         maps = cam.maps
         tag_probs = cam.probs.float().cpu().numpy()
-        if maps.is_cuda:
-            torch.cuda.synchronize()
-        timings["cam"] = time.perf_counter() - t
 
         t = time.perf_counter()
         unary = class_probabilities(maps, self.background, cam.probs)
@@ -157,7 +171,7 @@ class Tag2Mask:
         t = time.perf_counter()
         seg = self._seg_probs(image, tags, (wh, ww))
         if seg:
-            unary = fuse_seg(unary, tags, seg, cfg.fusion.seg_weight, cfg.fusion.mode, self.background.min_prob)
+            unary = fuse_seg(unary, tags, seg, self.fusion_weight(), cfg.fusion.mode, self.background.min_prob)
             timings["fusion"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -184,10 +198,16 @@ class Tag2Mask:
         timings["total"] = time.perf_counter() - t0
         return PhotoResult(width=w, height=h, tags=results, cams=cams, timings=timings), probs
 
+    def fusion_weight(self) -> float:
+        """The seg head's weight in the fusion: the one chosen on validation when the heads carry it
+        (``heads.fusion_weight``), else ``config.fusion.seg_weight``."""
+        chosen = getattr(self.heads, "fusion_weight", None)
+        return float(chosen) if chosen is not None else float(self.config.fusion.seg_weight)
+
     def _seg_probs(self, image: np.ndarray, tags: Sequence[str], size: tuple[int, int]) -> dict[str, np.ndarray]:
         """Seg-head probabilities at `size` for the tags the head knows ({} without heads or fusion)."""
         fcfg = self.config.fusion
-        if self.heads is None or not fcfg.enabled or fcfg.seg_weight <= 0:
+        if self.heads is None or not fcfg.enabled or self.fusion_weight() <= 0:
             return {}
         if getattr(self.heads, "segmenter", None) is None:
             return {}
