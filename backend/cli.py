@@ -8,6 +8,7 @@
     tag2mask worker [...]                                                    a job-queue worker (backend.worker)
     tag2mask jobs [--project P] [--watch]                                    queue counts / project progress
     tag2mask up [--host H] [--port P]                                        Valkey + worker + web server
+    tag2mask dashboard [--port 9181]                                         rq-dashboard on the job queue
     tag2mask train --ls-export EXPORT.json --images-root DIR | --images DIR --masks DIR --tag T   (train_cmd)
     tag2mask models list|promote|rollback                                    the project model registry
     tag2mask backbones                                                       classifiers that can be used

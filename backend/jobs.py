@@ -3,10 +3,13 @@
 A job's argument is one JSON-able dict (see :func:`predict_tasks`), so the web server, the CLI and
 webhooks can build it without importing torch. Inside a worker:
 
-* the engine is built once per process and kept in a module-level cache (:func:`get_engine`);
-  the device comes from ``tag2mask worker --device`` (``$TAG2MASK_DEVICE``);
-* each task's photo bytes are hashed; a prediction already in the :class:`~backend.queues.ResultCache`
-  for (task, image content, tags, model version) is reused instead of running the engine;
+* the engine is ``backend.model.get_engine``'s, built once per process and shared with its inference
+  lock by both kinds of task (Label Studio tasks, with the project's trained heads, and explicit-tag
+  tasks, without); the device comes from ``tag2mask worker --device`` (``$TAG2MASK_DEVICE``);
+* tasks go in chunks of ``$TAG2MASK_BATCH_SIZE`` (default 8; ``tag2mask worker --batch-size``):
+  each task's photo is fetched and hashed; a prediction already in the
+  :class:`~backend.queues.ResultCache` for (task, image content, tags, model version) is reused; the
+  chunk's other photos go to the engine in one call (:func:`predict_chunk`);
 * each finished prediction is written to Label Studio through :func:`push_prediction`, which is
   idempotent: a prediction of the same ``model_version`` on the task is updated (or left alone when
   identical), never duplicated;
@@ -20,18 +23,20 @@ webhooks can build it without importing torch. Inside a worker:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import threading
 import time
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "TransientError", "TasksFailed", "with_retries", "is_transient",
     "LabelStudioPusher", "set_prediction_pusher", "push_prediction",
-    "set_engine_factory", "get_engine", "read_image_bytes", "predict_one", "predict_tasks", "push_late_key",
-    "push_owner_key",
+    "batch_size", "read_image_bytes", "TaskOutcome", "predict_chunk", "predict_one", "predict_tasks",
+    "push_late_key", "push_owner_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,52 +181,6 @@ def push_prediction(task_id: int, prediction: Mapping[str, Any],
     return with_retries(lambda: pusher(task_id, prediction), what=f"push of task {task_id}")
 
 
-# -- the engine, once per process --------------------------------------------------------------
-_engines: dict[tuple, Any] = {}
-_engine_lock = threading.Lock()
-_engine_factory: Callable[..., Any] | None = None
-
-
-def set_engine_factory(factory: Callable[..., Any] | None) -> None:
-    """Override how an engine is built: ``factory(backbone=..., device=..., preset=...)`` -> engine.
-    The engine has ``engine.predict(image_rgb_uint8, tags) -> PhotoResult`` (or is that callable)."""
-    global _engine_factory
-    _engine_factory = factory
-    _engines.clear()
-
-
-def _default_factory(backbone: str, device: str, preset: str) -> Any:
-    # explainers.segment.Tag2Mask is the mask engine (see explainers/segment); built lazily so that
-    # importing this module does not import torch.
-    from explainers.segment import PipelineConfig, Tag2Mask
-
-    return Tag2Mask(backbone=backbone, config=PipelineConfig.preset(preset), device=device)
-
-
-def get_engine(backbone: str | None = None, device: str | None = None, preset: str | None = None) -> Any:
-    """The engine for (backbone, device, preset), built on first use and cached for the process."""
-    from explainers.device import pick_device, set_cpu_threads
-
-    backbone = backbone or os.environ.get("TAG2MASK_BACKBONE", "efficientnet_lite0")
-    dev = str(pick_device(device or os.environ.get("TAG2MASK_DEVICE") or None))
-    preset = preset or os.environ.get("TAG2MASK_PRESET", "balanced")
-    key = (backbone, dev, preset)
-    with _engine_lock:
-        if key not in _engines:
-            set_cpu_threads()
-            factory = _engine_factory or _default_factory
-            t0 = time.perf_counter()
-            _engines[key] = factory(backbone=backbone, device=dev, preset=preset)
-            log.info("engine %s loaded in %.1f s", key, time.perf_counter() - t0)
-        return _engines[key]
-
-
-def _run_engine(engine: Any, image, tags: list[str]):
-    if hasattr(engine, "predict"):
-        return engine.predict(image, tags)
-    return engine(image, tags)
-
-
 # -- photos -------------------------------------------------------------------------------------
 _fetcher = None
 
@@ -262,18 +221,33 @@ def read_image_bytes(ref: str, *, task_id: Any = None, ls_url: str | None = None
     return with_retries(get, what=f"fetch of the photo of task {task_id}")
 
 
-# -- the job functions --------------------------------------------------------------------------
-def _connection():
-    from rq import get_current_job
 
-    job = get_current_job()
-    if job is not None:
-        return job.connection
-    from backend.redis_conn import get_connection
-    return get_connection()
+# -- the engine: backend.model's, one per process ------------------------------------------------
+def batch_size() -> int:
+    """Photos per engine call in a worker: ``$TAG2MASK_BATCH_SIZE`` (default 8; set by
+    ``tag2mask worker --batch-size N``)."""
+    from backend.settings import Settings
+
+    return max(1, Settings.from_env().batch_size)
+
+
+def _engine_settings(engine_options: Mapping[str, Any] | None):
+    """Settings from the environment, with a job's ``engine`` options (backbone, preset, device) on top."""
+    from backend.settings import Settings
+
+    opts = {k: str(v) for k, v in dict(engine_options or {}).items() if k in ("backbone", "preset", "device") and v}
+    return Settings.from_env(**opts)
+
+
+@functools.lru_cache(maxsize=64)
+def _label_config(label_config: str):
+    from backend.label_config import parse_label_config
+
+    return parse_label_config(label_config)
 
 
 _models: dict[tuple, Any] = {}
+_models_lock = threading.Lock()
 
 
 def _ls_model(label_config: str, model_version: str, project: Any = None):
@@ -286,7 +260,7 @@ def _ls_model(label_config: str, model_version: str, project: Any = None):
 
     project = None if project in (None, "", "_") else str(project)
     key = (label_config, str(model_version), project)
-    with _engine_lock:
+    with _models_lock:
         model = _models.get(key)
         if model is None:
             if len(_models) > 256:
@@ -297,52 +271,159 @@ def _ls_model(label_config: str, model_version: str, project: Any = None):
         return model
 
 
+def _predict_ls(outcomes: list["TaskOutcome"], label_config: str, model_version: str,
+                project: Any) -> list[dict | Exception]:
+    """Label Studio tasks: one :meth:`Tag2MaskModel.predict_images` call (the task's annotated tags, else
+    the labels the classifier picks; the project's trained heads when it has promoted ones)."""
+    model = _ls_model(label_config, model_version, project)
+    return model.predict_images([o.image for o in outcomes], model.parsed,
+                                [o.task.get("tags") or None for o in outcomes], [o.task.get("id") for o in outcomes])
+
+
+def _predict_explicit(outcomes: list["TaskOutcome"], label_config: str, model_version: str,
+                      engine_options: Mapping[str, Any] | None) -> list[dict | Exception]:
+    """Explicit-tag tasks: one ``engine.predict_many`` call on the process's engine, under its inference
+    lock, without project heads; the labeling config's ``predicted_values`` map tags to classes."""
+    from backend.ls_results import make_prediction
+    from backend.model import get_engine
+
+    config = _label_config(label_config)
+    extra = {label: names for label, names in config.tag_queries().items() if names}
+    engine, lock = get_engine(_engine_settings(engine_options))
+    with lock:
+        engine.set_heads(None)
+        engine.tag_extra = extra or None
+        photos = engine.predict_many([o.image for o in outcomes], [o.tags for o in outcomes])
+    out: list[dict | Exception] = []
+    for photo in photos:
+        try:
+            out.append(photo if isinstance(photo, Exception) else make_prediction(photo, config, model_version))
+        except Exception as exc:   # noqa: BLE001 - recorded per task
+            out.append(exc)
+    return out
+
+
+# -- the job functions --------------------------------------------------------------------------
+def _connection():
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is not None:
+        return job.connection
+    from backend.redis_conn import get_connection
+    return get_connection()
+
+
+@dataclass
+class TaskOutcome:
+    """One task of a chunk: its prediction, or the exception that stopped it; ``cached``: the prediction
+    came from the result cache. ``sha`` (the photo's content hash) and ``image`` (the decoded photo,
+    dropped after the engine call) are kept between the stages."""
+    task: Mapping[str, Any]
+    tags: list[str]
+    sha: str | None = None
+    image: Any = None
+    prediction: dict | None = None
+    cached: bool = False
+    error: Exception | None = None
+
+
+def _fetch(task: Mapping[str, Any], model_version: str, cache, creds: Mapping[str, Any]) -> TaskOutcome:
+    """Stage 1 of a task: read its photo (retrying network trouble), hash it, look it up in the result
+    cache; a miss is decoded for the engine. Failures are kept in the outcome."""
+    from backend.queues import image_hash, ls_cache_tags, normalize_tags
+    from explainers.imageio import load_image
+
+    ls_task = bool(task.get("ls"))
+    outcome = TaskOutcome(task, ls_cache_tags(task.get("tags")) if ls_task else normalize_tags(task.get("tags", [])))
+    try:
+        data = read_image_bytes(str(task["image"]), task_id=task.get("id"), ls_url=creds.get("url"),
+                                api_key=creds.get("token"))
+        outcome.sha = image_hash(data)
+        hit = cache.get(task["id"], outcome.sha, outcome.tags, model_version) if cache is not None else None
+        if hit is not None:
+            outcome.prediction, outcome.cached = hit, True
+            if ls_task:
+                cache.put(task["id"], "ref:" + str(task["image"]), outcome.tags, model_version, hit)
+        else:
+            outcome.image = load_image(data)
+    except Exception as exc:   # noqa: BLE001 - recorded per task
+        outcome.error = exc
+    return outcome
+
+
+def _run_engine(outcomes: list[TaskOutcome], predict: Callable[[list[TaskOutcome]], list]) -> None:
+    """Stage 2: one engine call for the chunk's misses; each result (or exception) goes to its task. A
+    call that fails as a whole fails each of its tasks with that reason."""
+    if not outcomes:
+        return
+    log.info("tasks %s: %d photo(s) in one engine call", [o.task.get("id") for o in outcomes], len(outcomes))
+    try:
+        results = predict(outcomes)
+    except Exception as exc:   # noqa: BLE001 - e.g. the device ran out of memory: every task gets the reason
+        results = [exc] * len(outcomes)
+    for outcome, result in zip(outcomes, results):
+        outcome.image = None
+        if isinstance(result, Exception):
+            outcome.error = result
+        else:
+            outcome.prediction = result
+
+
+def predict_chunk(tasks: Sequence[Mapping[str, Any]], *, label_config: str, model_version: str, cache=None,
+                  engine_options: Mapping[str, Any] | None = None, label_studio: Mapping[str, Any] | None = None,
+                  project: Any = None) -> list[TaskOutcome]:
+    """Predictions of several tasks with one engine call per kind of task, in the tasks' order.
+
+    Each photo is fetched, hashed and looked up in the result cache (a hit skips the engine); the
+    misses go to the device together: Label Studio tasks through one
+    :meth:`backend.model.Tag2MaskModel.predict_images` call, explicit-tag tasks through one
+    ``engine.predict_many`` call (both on ``backend.model.get_engine``'s engine, under its lock); each
+    new prediction is then cached. A task that fails keeps its exception in ``.error``; the others go on.
+    Task kinds (see :func:`predict_one`) may be mixed.
+    """
+    creds = dict(label_studio or {})
+    version = str(model_version)
+    outcomes = [_fetch(task, version, cache, creds) for task in tasks]
+    misses = [o for o in outcomes if o.error is None and o.prediction is None]
+    _run_engine([o for o in misses if o.task.get("ls")],
+                lambda batch: _predict_ls(batch, label_config, version, project))
+    _run_engine([o for o in misses if not o.task.get("ls")],
+                lambda batch: _predict_explicit(batch, label_config, version, engine_options))
+    if cache is not None:
+        for o in misses:
+            if o.prediction is None:
+                continue
+            try:
+                cache.put(o.task["id"], o.sha, o.tags, version, o.prediction)
+                if o.task.get("ls"):
+                    cache.put(o.task["id"], "ref:" + str(o.task["image"]), o.tags, version, o.prediction)
+            except Exception as exc:   # noqa: BLE001 - Redis trouble: the task fails (transient), others go on
+                o.error = exc
+    return outcomes
+
+
 def predict_one(task: Mapping[str, Any], *, label_config: str, model_version: str,
                 cache=None, engine_options: Mapping[str, Any] | None = None,
                 label_studio: Mapping[str, Any] | None = None, project: Any = None) -> tuple[dict, bool]:
-    """Prediction of one task; returns ``(prediction, from_cache)``. Label Studio tasks of a `project`
-    with a promoted trained model use its heads.
+    """Prediction of one task; returns ``(prediction, from_cache)``, raises what the task raised. Label
+    Studio tasks of a `project` with a promoted trained model use its heads.
 
     Two kinds of task:
 
-    * ``{"id", "image", "tags"}`` (CLI, scripts): the engine runs on exactly these tags;
+    * ``{"id", "image", "tags"}`` (CLI, scripts): the engine runs on exactly these tags, without
+      project heads;
     * ``{"id", "image", "tags": [...] or None, "ls": true}`` (built by the web server from a Label
       Studio task): the tags are the task's annotated Choices when given, else the labels of the
       labeling config the classifier picks -- exactly what ``/predict`` does in the web process
       (:meth:`backend.model.Tag2MaskModel.predict_image`). Such a prediction is also cached under
       the image reference (``"ref:" + image``), which lets the web server answer without fetching.
     """
-    from backend.queues import image_hash, ls_cache_tags, normalize_tags
-
-    creds = label_studio or {}
-    ls_task = bool(task.get("ls"))
-    tags = ls_cache_tags(task.get("tags")) if ls_task else normalize_tags(task.get("tags", []))
-    data = read_image_bytes(str(task["image"]), task_id=task.get("id"), ls_url=creds.get("url"),
-                            api_key=creds.get("token"))
-    sha = image_hash(data)
-    if cache is not None:
-        hit = cache.get(task["id"], sha, tags, model_version)
-        if hit is not None:
-            if ls_task:
-                cache.put(task["id"], "ref:" + str(task["image"]), tags, model_version, hit)
-            return hit, True
-    from backend.label_config import parse_label_config
-    from backend.ls_results import make_prediction
-    from explainers.imageio import load_image
-
-    if ls_task:
-        model = _ls_model(label_config, model_version, project)
-        prediction = model.predict_image(load_image(data), model.parsed, task.get("tags") or None,
-                                         task_id=task.get("id"))
-    else:
-        engine = get_engine(**dict(engine_options or {}))
-        photo = _run_engine(engine, load_image(data), tags)
-        prediction = make_prediction(photo, parse_label_config(label_config), model_version)
-    if cache is not None:
-        cache.put(task["id"], sha, tags, model_version, prediction)
-        if ls_task:
-            cache.put(task["id"], "ref:" + str(task["image"]), tags, model_version, prediction)
-    return prediction, False
+    (outcome,) = predict_chunk([task], label_config=label_config, model_version=model_version, cache=cache,
+                               engine_options=engine_options, label_studio=label_studio, project=project)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.prediction, outcome.cached
 
 
 def push_late_key(job_id: str) -> str:
@@ -373,10 +454,12 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
          "push": true, "engine": {"backbone": ..., "preset": ...},
          "label_studio": {"url": ..., "token": ...}}      # optional: where LABEL_STUDIO_URL/_API_KEY are unset
 
-    Returns ``{"predictions": {task_id: prediction}, "cached": [ids], "pushed": {id: outcome}}``
-    (JSON keys are strings). Progress is kept in the job's ``meta`` (``done``/``total``/``failed``,
-    ``errors``: task id -> reason). A job enqueued without ``push`` still pushes when the web server
-    has set :func:`push_late_key` (it stopped waiting).
+    The tasks go through :func:`predict_chunk` in chunks of :func:`batch_size` (one engine call per
+    chunk), then each is pushed in order. Returns ``{"predictions": {task_id: prediction}, "cached":
+    [ids], "pushed": {id: outcome}}`` (JSON keys are strings). Progress is kept in the job's ``meta``
+    (``done``/``total``/``failed``, ``errors``: task id -> reason), updated after each task. A job
+    enqueued without ``push`` still pushes when the web server has set :func:`push_late_key` (it
+    stopped waiting).
     """
     from rq import get_current_job
 
@@ -387,50 +470,61 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
     cache = ResultCache(conn)
     tasks = list(request.get("tasks", []))
     creds = dict(request.get("label_studio") or {})
+    version = str(request["model_version"])
+    push = bool(request.get("push", True))
 
     def should_push() -> bool:
-        if request.get("push", True):
-            return True
-        return job is not None and bool(conn.exists(push_late_key(job.id)))
+        return push or (job is not None and bool(conn.exists(push_late_key(job.id))))
 
     out: dict[str, Any] = {"predictions": {}, "cached": [], "pushed": {}}
     failures: dict[Any, str] = {}
-    permanent_only = True
-    for i, task in enumerate(tasks):
-        tid = task["id"]
-        try:
-            prediction, cached = predict_one(task, label_config=request["label_config"],
-                                             model_version=str(request["model_version"]), cache=cache,
-                                             engine_options=request.get("engine"), label_studio=creds,
-                                             project=request.get("project"))
-            out["predictions"][str(tid)] = prediction
-            if cached:
-                out["cached"].append(tid)
-            if should_push():
-                out["pushed"][str(tid)] = push_prediction(tid, prediction, label_studio=creds)
-        except Exception as exc:   # one bad task must not sink the others
-            log.exception("task %s failed", tid)
-            failures[tid] = f"{type(exc).__name__}: {exc}"
-            permanent_only = permanent_only and not is_transient(exc)
-            if request.get("push", True):
+    transient = False
+
+    def fail(tid: Any, exc: BaseException) -> None:
+        nonlocal transient
+        log.error("task %s failed: %s: %s", tid, type(exc).__name__, exc, exc_info=exc)
+        failures[tid] = f"{type(exc).__name__}: {exc}"
+        transient = transient or is_transient(exc)
+        if push:
+            try:
+                conn.delete(push_owner_key(tid, version))
+            except Exception:   # noqa: BLE001 - Redis trouble: the key expires anyway
+                pass
+
+    done = 0
+    size = batch_size()
+    for start in range(0, len(tasks), size):
+        outcomes = predict_chunk(tasks[start:start + size], label_config=request["label_config"],
+                                 model_version=version, cache=cache, engine_options=request.get("engine"),
+                                 label_studio=creds, project=request.get("project"))
+        for outcome in outcomes:
+            tid = outcome.task["id"]
+            if outcome.error is not None:
+                fail(tid, outcome.error)
+            else:
+                out["predictions"][str(tid)] = outcome.prediction
+                if outcome.cached:
+                    out["cached"].append(tid)
                 try:
-                    conn.delete(push_owner_key(tid, str(request["model_version"])))
-                except Exception:   # noqa: BLE001 - Redis trouble: the key expires anyway
-                    pass
-        if job is not None:
-            job.meta.update({"done": i + 1, "total": len(tasks), "failed": len(failures),
-                             "errors": {str(k): v for k, v in failures.items()}})
-            job.save_meta()
-    if not request.get("push", True) and should_push():   # the flag came while we ran: push the rest
+                    if should_push():
+                        out["pushed"][str(tid)] = push_prediction(tid, outcome.prediction, label_studio=creds)
+                except Exception as exc:   # noqa: BLE001 - one bad task must not sink the others
+                    fail(tid, exc)
+            done += 1
+            if job is not None:
+                job.meta.update({"done": done, "total": len(tasks), "failed": len(failures),
+                                 "errors": {str(k): v for k, v in failures.items()}})
+                job.save_meta()
+    if not push and should_push():   # the flag came while we ran: push the rest
         for tid, prediction in out["predictions"].items():
             if tid not in out["pushed"]:
                 try:
                     out["pushed"][tid] = push_prediction(int(tid), prediction, label_studio=creds)
-                except Exception as exc:
+                except Exception as exc:   # noqa: BLE001 - kept with its reason
                     failures[tid] = f"{type(exc).__name__}: {exc}"
-                    permanent_only = permanent_only and not is_transient(exc)
+                    transient = transient or is_transient(exc)
     if failures:
-        if job is not None and permanent_only:
+        if job is not None and not transient:
             job.retries_left = 0   # a re-run would fail the same way: keep the failure now
         raise TasksFailed(failures)
     return out

@@ -7,8 +7,11 @@
         one machine: the embedded Valkey (unless REDIS_URL is set), one worker, the scheduler (RQ's
         janitor and the training scheduler: ``backend.worker --scheduler``) and the
         web server (TAG2MASK_QUEUE=on); Ctrl-C / SIGTERM stops them all, and the Valkey it started
+    tag2mask dashboard [--host H] [--port P] [--redis-url URL]
+        rq-dashboard (queues, jobs, workers, failures with their reasons) on the queue's server:
+        --redis-url, else $REDIS_URL, else the running embedded Valkey of $MODEL_DIR
 
-:func:`add_parsers` hooks both into backend/cli.py's sub-commands.
+:func:`add_parsers` hooks them into backend/cli.py's sub-commands.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import threading
 import time
 from typing import Sequence
 
-__all__ = ["add_parsers", "cmd_jobs", "cmd_up", "Stack"]
+__all__ = ["add_parsers", "cmd_jobs", "cmd_up", "Stack", "cmd_dashboard", "dashboard_app", "DASHBOARD_PORT"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -202,8 +205,49 @@ def cmd_up(args) -> int:
     return code
 
 
+# -- tag2mask dashboard ---------------------------------------------------------------------------
+DASHBOARD_PORT = 9181   # rq-dashboard's own default
+
+
+def dashboard_app(redis_url: str, username: str | None = None, password: str | None = None):
+    """rq-dashboard's Flask app (pinned 0.9.0, works with rq 3.0.0) reading `redis_url`; HTTP basic
+    auth when `username` and `password` are given. Its JSON API: ``/0/data/queues.json``,
+    ``/0/data/jobs/<queue>/<registry>/<per page>/asc/<page>.json``, ``/0/data/job/<id>.json``,
+    ``/0/data/workers.json``."""
+    from rq_dashboard.cli import make_flask_app
+    from rq_dashboard.web import setup_rq_connection
+
+    app = make_flask_app(None, username if password else None, password, "")
+    app.config["RQ_DASHBOARD_REDIS_URL"] = redis_url
+    setup_rq_connection(app)
+    return app
+
+
+def cmd_dashboard(args) -> int:
+    from backend.queues import PRIORITIES, queue_name
+    from backend.redis_conn import RedisUnavailable, redis_url, wait_until_up
+
+    try:
+        import rq_dashboard  # noqa: F401
+    except ImportError:
+        _err("rq-dashboard is not installed: pip install 'tag2mask[dashboard]'")
+        return EXIT_FAILED
+    try:
+        url = args.redis_url or redis_url(start_embedded=False)
+        wait_until_up(url, timeout=3)
+    except RedisUnavailable as exc:
+        _err(f"{exc} (is `tag2mask up` running?)")
+        return EXIT_FAILED
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    app = dashboard_app(url, user, password)
+    print(f"rq-dashboard on http://{args.host}:{args.port} for {url}; tag2mask's queues: "
+          f"{', '.join(queue_name(p) for p in PRIORITIES)}", file=sys.stderr, flush=True)
+    app.run(host=args.host, port=args.port, threaded=True)
+    return EXIT_OK
+
+
 def add_parsers(sub) -> None:
-    """Add ``jobs`` and ``up`` to backend/cli.py's sub-parsers."""
+    """Add ``jobs``, ``up`` and ``dashboard`` to backend/cli.py's sub-parsers."""
     p = sub.add_parser("jobs", help="job queue counts, or a project's prediction progress",
                        description="Queue counts per queue, or --project P's progress (queued / running / "
                                    "done / failed tasks, rate, ETA). Uses $REDIS_URL, else the embedded Valkey.")
@@ -222,6 +266,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="the worker's torch device (default: $TAG2MASK_DEVICE)")
     p.add_argument("--no-scheduler", action="store_true", help="no scheduler process")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("dashboard", help="rq-dashboard on the job queue (queues, jobs, workers, failures)",
+                       description="Serve rq-dashboard for the queue's Redis: --redis-url, else $REDIS_URL, else the "
+                                   "running embedded Valkey of $MODEL_DIR. BASIC_AUTH_USER/_PASS protect it when "
+                                   "set. Needs the `dashboard` extra (pip install 'tag2mask[dashboard]').")
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help=f"default: {DASHBOARD_PORT}")
+    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL, else the embedded Valkey")
+    p.set_defaults(func=cmd_dashboard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:   # pragma: no cover - use `tag2mask`

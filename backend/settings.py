@@ -36,6 +36,8 @@ TAG2MASK_SYNC_MAX_TASKS    4                    /predict with at most this many 
 TAG2MASK_PREDICT_DEADLINE  60                   seconds /predict waits for its job (below Label Studio's 100)
 TAG2MASK_PRELABEL_ON_CREATE 1                   TASKS_CREATED webhooks enqueue pre-labeling of the new tasks
 TAG2MASK_BATCH_CHUNK       8                    tasks per batch job
+TAG2MASK_BATCH_SIZE        8                    photos a worker sends to the engine in one call (its device
+                                                batch; ``tag2mask worker --batch-size``)
 TRAIN_INTERVAL             600                  seconds between retraining checks of every project
                                                 (backend.training_jobs.run_training_scheduler)
 TRAIN_MIN_NEW              10                   a project is retrained when at least this many of its
@@ -89,6 +91,7 @@ class Settings:
     predict_deadline: float = 60.0
     prelabel_on_create: bool = True
     batch_chunk: int = 8
+    batch_size: int = 8
     train_min_new: int = 10
 
     @classmethod
@@ -121,6 +124,7 @@ class Settings:
             predict_deadline=float(e.get("TAG2MASK_PREDICT_DEADLINE") or 60),
             prelabel_on_create=_bool(e.get("TAG2MASK_PRELABEL_ON_CREATE"), True),
             batch_chunk=int(e.get("TAG2MASK_BATCH_CHUNK") or 8),
+            batch_size=int(e.get("TAG2MASK_BATCH_SIZE") or 8),
             train_min_new=int(e.get("TRAIN_MIN_NEW") or 10),
         )
         return replace(s, **overrides) if overrides else s

@@ -1,12 +1,13 @@
 """RQ worker for tag2mask jobs, in-process (never forks), plus the scheduler/janitor loop.
 
-``python -m backend.worker [--queues interactive batch] [--device cuda:0] [--burst]``
-(``tag2mask worker`` once backend/cli.py wires it).
+``python -m backend.worker [--queues interactive batch] [--device cuda:0] [--batch-size 8] [--burst]``
+(``tag2mask worker``).
 
 * :class:`Tag2MaskWorker` is an RQ ``SimpleWorker``: jobs run in the worker process itself, so the
   model loaded by the first job stays on the device for every later job and nothing ever forks
   after CUDA has been initialised. One worker per GPU; workers on other hosts need only
-  ``REDIS_URL`` and ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``.
+  ``REDIS_URL`` and ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``. A job's photos reach the engine
+  ``--batch-size`` (``$TAG2MASK_BATCH_SIZE``, default 8) at a time (see backend/jobs.py).
 * While a job runs, a heartbeat thread refreshes the job's entry in RQ's StartedJobRegistry every
   ``ttl/3`` s with a short TTL (``$TAG2MASK_JOB_HEARTBEAT_TTL``, default 60 s) instead of
   SimpleWorker's "job timeout + 60 s". When a worker dies (SIGKILL, OOM, host lost) its entries
@@ -118,18 +119,24 @@ def make_worker(connection: redis.Redis, priorities: Sequence[str] | None = None
 def run_worker(priorities: Sequence[str] | None = None, *, device: str | None = None, burst: bool = False,
                connection: redis.Redis | None = None, name: str | None = None, preload: bool = False,
                max_jobs: int | None = None, logging_level: str = "INFO",
-               stop: threading.Event | None = None) -> bool:
+               stop: threading.Event | None = None, batch_size: int | None = None) -> bool:
     """Work the queues (priority order) in this process until stopped (or empty, with `burst`).
 
-    `device` (e.g. ``cuda:0``) is exported as ``$TAG2MASK_DEVICE`` for :func:`backend.jobs.get_engine`;
-    `preload` builds the engine before the first job. RQ's worker quits when Redis goes away in the
-    middle of a job; this loop then waits for the server to answer again and starts a fresh RQ
-    worker in the same process (the engine stays loaded), so a Redis/Valkey restart only pauses the
-    work. The job that was running when the server vanished is requeued by the registry cleanup
-    (it may run again: pushes are idempotent). Returns whether any job was processed.
+    `device` (e.g. ``cuda:0``) is exported as ``$TAG2MASK_DEVICE`` and `batch_size` (photos per engine
+    call) as ``$TAG2MASK_BATCH_SIZE``, for the jobs (:mod:`backend.jobs`, whose engine is
+    :func:`backend.model.get_engine`'s); `preload` builds the engine before the first job. RQ's
+    worker quits when Redis goes away in the middle of a job; this loop then waits for the server
+    to answer again and starts a fresh RQ worker in the same process (the engine stays loaded), so
+    a Redis/Valkey restart only pauses the work. The job that was running when the server vanished
+    is requeued by the registry cleanup (it may run again: pushes are idempotent). Returns whether
+    any job was processed.
     """
     if device:
         os.environ["TAG2MASK_DEVICE"] = device
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        os.environ["TAG2MASK_BATCH_SIZE"] = str(batch_size)
     connection = connection or get_connection()
     wait_until_up(connection, timeout=float(os.environ.get("TAG2MASK_REDIS_WAIT", 30)))
     if preload:   # the engine Label Studio tasks use (backend.model, settings from the environment)
@@ -263,11 +270,20 @@ def run_scheduler(connection: redis.Redis | None = None, priorities: Sequence[st
             pass
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tag2mask worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--queues", nargs="+", default=list(PRIORITIES), choices=PRIORITIES,
                    help="queues to work, highest priority first (default: all)")
     p.add_argument("--device", default=os.environ.get("TAG2MASK_DEVICE"), help="e.g. cpu, cuda:0 (default: auto)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="photos sent to the engine in one call (default: $TAG2MASK_BATCH_SIZE or 8)")
     p.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     p.add_argument("--max-jobs", type=int, default=None)
     p.add_argument("--name", default=None, help="worker name (default: host-pid-random)")
@@ -290,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_scheduler(conn, args.queues, interval=args.interval, training=not args.no_training)
         return 0
     run_worker(args.queues, device=args.device, burst=args.burst, connection=conn, name=args.name,
-               preload=args.preload, max_jobs=args.max_jobs, logging_level=args.log_level.upper())
+               preload=args.preload, max_jobs=args.max_jobs, logging_level=args.log_level.upper(),
+               batch_size=args.batch_size)
     return 0
 
 

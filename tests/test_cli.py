@@ -121,6 +121,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "none.jpg"), "--method", "gradcam", "--out", "x.png"]) == 2
     assert main(["serve", "--port", "nine"]) == 2
     assert main(["worker", "--bogus"]) == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert main(["worker", "--batch-size", "0"]) == 2 and "must be at least 1" in capsys.readouterr().err
+    assert main(["dashboard", "--port", "nine"]) == 2
     assert main([]) == 2
     assert main(["--help"]) == 0
 

@@ -51,7 +51,7 @@ def _container_ports(service: dict) -> set[int]:
 
 def test_services_volumes_and_healthchecks(compose):
     services = compose["services"]
-    assert set(services) == {"label-studio", "redis", "backend", "worker", "scheduler"}
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "scheduler", "dashboard"}
     for name, svc in services.items():
         assert "healthcheck" in svc and svc["healthcheck"]["test"], f"{name} has no health check"
         for vol in svc.get("volumes", []):
@@ -112,6 +112,25 @@ def test_worker_and_scheduler_commands_parse(compose):
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert _env(services["worker"])["TAG2MASK_DEVICE"].startswith("cuda")
+    assert "TAG2MASK_BATCH_SIZE" in _env(services["worker"])
+
+
+def test_dashboard_service_runs_tag2mask_dashboard_on_the_redis(compose):
+    """The rq-dashboard service: ``tag2mask dashboard`` (its options parse) on the compose Redis, its
+    port published, env names the code reads, and the image installs the ``dashboard`` extra."""
+    from backend.cli import build_parser
+
+    dash = compose["services"]["dashboard"]
+    cmd = dash["command"]
+    assert cmd[:4] == ["python", "-m", "backend.cli", "dashboard"]
+    args = build_parser().parse_args(cmd[3:])
+    assert args.host == "0.0.0.0" and args.port in _container_ports(dash)
+    env = _env(dash)
+    assert not set(env) - env_names_read_by_code() - FOREIGN_ENV
+    redis_url = urlparse(env["REDIS_URL"])
+    assert redis_url.hostname == "redis" and dash["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert str(args.port) in " ".join(dash["healthcheck"]["test"])
+    assert '".[dashboard]"' in DOCKERFILE.read_text()
 
 
 def test_dockerfile_build_args(compose):

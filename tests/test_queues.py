@@ -14,8 +14,8 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from backend.queues import (PRIORITIES, ResultCache, enqueue_predictions, enqueue_unique, get_queue,
-                            get_queues, image_hash, job_id_for, job_info, project_progress, queue_counts,
-                            queue_name)
+                            get_queues, image_hash, job_id_for, job_info, ls_cache_tags, project_progress,
+                            queue_counts, queue_name)
 from redis_servers import embedded_valkey, run_worker, server, start_worker, worker_env  # noqa: F401
 from conftest import horse_stems
 
@@ -143,7 +143,8 @@ def test_sigkilled_worker_job_is_requeued_and_done_once(server, tmp_path):
 
 def test_predict_job_on_real_photos(server, horse_dir, tmp_path):
     """The predict job on real horse photos: a cached prediction is returned without the engine;
-    a task whose photo cannot be read fails permanently (no retries) with the reason kept."""
+    a task whose photo cannot be read fails permanently (no retries) with the reason kept, while the
+    cached task of the same chunk still gets its prediction."""
     conn = server.client()
     stems = horse_stems("test")[:2]
     tasks = [{"id": f"{server.token}-{i}", "image": str(horse_dir / "images" / f"{s}.jpg"), "tags": ["horse"]}
@@ -156,15 +157,15 @@ def test_predict_job_on_real_photos(server, horse_dir, tmp_path):
                              model_version="v1", push=False)
     missing = tmp_path / "gone.jpg"
     bad = enqueue_predictions(conn, project=server.token, priority="batch", label_config=LABEL_CONFIG,
-                              tasks=[{"id": f"{server.token}-x", "image": str(missing), "tags": ["horse"]}],
+                              tasks=[{"id": f"{server.token}-x", "image": str(missing), "tags": ["horse"]}, tasks[0]],
                               model_version="v1", push=False)
     before = project_progress(conn, server.token)
-    assert (before["jobs"], before["tasks"], before["queued"], before["done"], before["eta_s"]) == (2, 3, 3, 0, None)
+    assert (before["jobs"], before["tasks"], before["queued"], before["done"], before["eta_s"]) == (2, 4, 4, 0, None)
     assert job_info(conn, ok[0][0].id)["status"] == "queued"
     rc = run_worker(server, "--burst", "--name", f"{server.token}-w", log=tmp_path / "w.log")
     assert rc == 0, (tmp_path / "w.log").read_text()[-3000:]
     after = project_progress(conn, server.token)
-    assert (after["queued"], after["running"], after["done"], after["failed"]) == (0, 0, 2, 1)
+    assert (after["queued"], after["running"], after["done"], after["failed"]) == (0, 0, 3, 1)
     assert after["rate"] > 0 and after["eta_s"] == 0
     info = job_info(conn, bad[0][0].id)
     assert info["status"] == "failed" and info["error"].startswith("backend.jobs.TasksFailed: 1 task(s) failed")
@@ -180,36 +181,91 @@ def test_predict_job_on_real_photos(server, horse_dir, tmp_path):
     failed = Job.fetch(bad[0][0].id, connection=conn)
     assert failed.get_status() == JobStatus.FAILED
     assert failed.retries_left == 0 and failed.meta["failed"] == 1     # permanent: not re-run
+    assert failed.meta["done"] == failed.meta["total"] == 2 and set(failed.meta["errors"]) == {f"{server.token}-x"}
     exc = failed.latest_result().exc_string
     assert "TasksFailed" in exc and "ImageFetchError" in exc and "no such file" in exc and f"task {server.token}-x" in exc
 
 
-@pytest.mark.skipif(os.environ.get("TAG2MASK_SKIP_ENGINE") == "1", reason="TAG2MASK_SKIP_ENGINE=1")
-def test_predict_job_runs_the_engine(server, horse_dir, tmp_path):
-    """End to end through a worker with the real engine (Tag2Mask) on two real horse photos."""
-    pytest.importorskip("explainers.segment", reason="explainers.segment missing")
-    import explainers.segment as seg
-    if not hasattr(seg, "Tag2Mask"):
-        pytest.skip("explainers.segment.Tag2Mask is not written yet: the engine half of the job is untested")
+def test_predict_jobs_share_one_engine_and_batch_the_photos(server, horse_dir, tmp_path):
+    """One worker with the real engine (Tag2Mask) gets both kinds of job: explicit tags (three horse
+    photos, one already cached) and a Label Studio task (the classifier picks the label). The model
+    is loaded once for both; the two uncached photos of the first job go to the engine in one call;
+    every prediction has a horse mask and is cached."""
     conn = server.client()
-    stems = horse_stems("test")[1:3]
+    stems = horse_stems("test")[1:5]
     tasks = [{"id": f"{server.token}-{i}", "image": str(horse_dir / "images" / f"{s}.jpg"), "tags": ["horse"]}
-             for i, s in enumerate(stems)]
+             for i, s in enumerate(stems[:3])]
+    stored = {"result": [], "score": 0.5, "model_version": "v-engine"}
+    ResultCache(conn).put(tasks[2]["id"], image_hash(open(tasks[2]["image"], "rb").read()), ["horse"], "v-engine",
+                          stored)
     (job, _), = enqueue_predictions(conn, project=server.token, tasks=tasks, label_config=LABEL_CONFIG,
                                     model_version="v-engine", push=False)
-    rc = run_worker(server, "--burst", "--device", "cpu", "--name", f"{server.token}-w", timeout=100,
-                    log=tmp_path / "w.log")
-    assert rc == 0
+    ls_task = {"id": f"{server.token}-ls", "image": str(horse_dir / "images" / f"{stems[3]}.jpg"), "tags": [],
+               "ls": True}
+    (ls_job, _), = enqueue_predictions(conn, project=server.token, tasks=[ls_task], label_config=LABEL_CONFIG,
+                                       model_version="v-ls", push=False)
+    env = worker_env(server, TAG2MASK_PRESET="fast")
+    rc = run_worker(server, "--burst", "--device", "cpu", "--batch-size", "4", "--name", f"{server.token}-w",
+                    env=env, timeout=150, log=tmp_path / "w.log")
+    log = (tmp_path / "w.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert log.count("model loaded:") == 1, log[-3000:]                 # one engine for both kinds of job
+    assert f"tasks {[t['id'] for t in tasks[:2]]}: 2 photo(s) in one engine call" in log, log[-3000:]
+
     job = Job.fetch(job.id, connection=conn)
-    assert job.get_status() == JobStatus.FINISHED, (tmp_path / "w.log").read_text()[-3000:]
+    assert job.get_status() == JobStatus.FINISHED, log[-3000:]
     out = job.return_value()
-    assert out["cached"] == []
-    for t in tasks:
+    assert out["cached"] == [tasks[2]["id"]] and out["predictions"][tasks[2]["id"]] == stored
+    assert job.meta["done"] == job.meta["total"] == 3 and job.meta["failed"] == 0
+    for t in tasks[:2]:
         pred = out["predictions"][str(t["id"])]
         assert pred["model_version"] == "v-engine"
         assert any(r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["horse"] for r in pred["result"])
         sha = image_hash(open(t["image"], "rb").read())
         assert ResultCache(conn).get(t["id"], sha, ["horse"], "v-engine") == json.loads(json.dumps(pred))
+
+    ls_job = Job.fetch(ls_job.id, connection=conn)
+    assert ls_job.get_status() == JobStatus.FINISHED, log[-3000:]
+    pred = ls_job.return_value()["predictions"][ls_task["id"]]
+    assert pred["model_version"] == "v-ls"
+    assert any(r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["horse"] for r in pred["result"])
+    assert ResultCache(conn).get(ls_task["id"], "ref:" + ls_task["image"], ls_cache_tags([]), "v-ls") == pred
+
+
+def test_a_chunk_is_one_call_of_the_shared_engine(horse_dir, tmp_path, monkeypatch):
+    """In-process, no Redis: both kinds of task run on backend.model's engine (the one the web
+    process uses), each chunk's photos in one ``predict_many`` call (observed by a wrapper that calls
+    the real method); explicit-tag tasks run without project heads; a photo that cannot be read fails
+    alone."""
+    from backend import jobs
+    from backend.image_fetch import ImageFetchError
+    from backend.model import get_engine
+    from backend.settings import Settings
+
+    monkeypatch.setenv("TAG2MASK_PRESET", "fast")
+    monkeypatch.setenv("TAG2MASK_DEVICE", "cpu")
+    monkeypatch.setenv("TAG2MASK_LOCAL_ROOTS", f"{horse_dir}{os.pathsep}{tmp_path}")
+    monkeypatch.setattr(jobs, "_fetcher", None)
+    engine, _ = get_engine(Settings.from_env())
+    calls = []
+    real = engine.predict_many
+
+    def counted(images, tags_per_image, *args, **kwargs):
+        calls.append(len(images))
+        return real(images, tags_per_image, *args, **kwargs)
+    monkeypatch.setattr(engine, "predict_many", counted)
+    photos = [str(horse_dir / "images" / f"{s}.jpg") for s in horse_stems("test")[5:7]]
+    explicit = [{"id": i, "image": p, "tags": ["horse"]} for i, p in enumerate(photos)]
+    explicit.append({"id": 9, "image": str(tmp_path / "gone.jpg"), "tags": ["horse"]})
+    out = jobs.predict_chunk(explicit, label_config=LABEL_CONFIG, model_version="v-chunk")
+    assert calls == [2] and engine.heads is None
+    assert isinstance(out[2].error, ImageFetchError) and out[2].prediction is None
+    for o in out[:2]:
+        assert o.error is None and not o.cached
+        assert any(r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["horse"] for r in o.prediction["result"])
+    ls = [{"id": 10 + i, "image": p, "tags": [], "ls": True} for i, p in enumerate(photos)]
+    out = jobs.predict_chunk(ls, label_config=LABEL_CONFIG, model_version="v-chunk")
+    assert calls == [2, 2] and all(o.error is None and o.prediction["model_version"] == "v-chunk" for o in out)
 
 
 @pytest.mark.labelstudio
