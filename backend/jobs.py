@@ -293,7 +293,8 @@ def _predict_explicit(outcomes: list["TaskOutcome"], label_config: str, model_ve
     with lock:
         engine.set_heads(None)
         engine.tag_extra = extra or None
-        photos = engine.predict_many([o.image for o in outcomes], [o.tags for o in outcomes])
+        photos = engine.predict_many([o.image for o in outcomes], [o.tags for o in outcomes],
+                                     batch_size=max(1, len(outcomes)))
     out: list[dict | Exception] = []
     for photo in photos:
         try:

@@ -8,11 +8,15 @@ steps over the similarity graph of a middle layer's features (recorded in the la
 activation spreads from the most discriminative parts (a horse's head) to the cells that look alike
 (the rest of the horse), which plain CAMs leave out. Everything stays on the backbone's device; the
 caller moves the result.
+
+:meth:`CAMStage.many` gives the same per photo for many photos, batching the photos that share a
+pass size (photos of one aspect ratio do) into one forward/backward pass per scale.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +58,12 @@ def pass_size(height: int, width: int, scale: float, cfg: CAMConfig) -> tuple[in
     return r32(height * f), r32(width * f)
 
 
+class _LayerReached(Exception):
+    """Raised by a probe's forward hook once the layer of interest has run; carries its (h, w)."""
+
+
 class CAMStage:
-    """Callable: (photo RGB uint8, class sets) -> :class:`CAMOutput`."""
+    """Callable: (photo RGB uint8, class sets) -> :class:`CAMOutput`; :meth:`many` for a batch of photos."""
 
     def __init__(self, backbone: Backbone, cfg: CAMConfig):
         from explainers.cams import METHODS
@@ -72,6 +80,7 @@ class CAMStage:
         if cfg.affinity:
             self.affinity_layer = cfg.affinity_layer or backbone.fusion_layers[-1]
             get_layer(backbone.model, self.affinity_layer)   # a wrong name fails here, listing the valid ones
+        self._grids: dict[tuple[int, int], tuple[int, int]] = {}
 
     def __call__(self, image: np.ndarray, class_sets: Sequence[Sequence[int]]) -> CAMOutput:
         h, w = image.shape[:2]
@@ -91,24 +100,129 @@ class CAMStage:
                 features = rec[self.affinity_layer][:1].detach()
             else:
                 res = self.method.compute(x, [targets] * x.shape[0], output_size=work, normalize=False)
-            maps = res.maps
-            if self.cfg.flip:
-                maps = torch.stack([maps[0], maps[1].flip(-1)])
-            peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
-            maps = (maps / peak).sum(dim=0)
+            maps = self._fold(res.maps)
             total = maps if total is None else total + maps
-            with torch.no_grad():
-                p = res.logits.softmax(dim=1)
-                mask = torch.zeros(len(targets), p.shape[1], dtype=torch.bool, device=p.device)
-                for k, cls in enumerate(targets):
-                    mask[k, cls] = True
-                probs.append((p[:, None, :] * mask[None]).sum(-1).mean(0))
+            probs.append(_tag_probs(res.logits, targets))
+        return self._finish(total, probs, features, work)
+
+    def many(self, images: Sequence[np.ndarray], class_sets_per_image: Sequence[Sequence[Sequence[int]]],
+             max_batch: int = 8) -> list[CAMOutput]:
+        """:meth:`__call__` for each photo (the same outputs, up to float noise), batched for the device.
+
+        At each scale the photos are grouped by pass size (see :meth:`_groups`); each group of at most
+        `max_batch` photos (twice as many rows with flips: this bounds the device memory) runs through
+        one forward pass and one backward pass per target. Photos may have different numbers of tags:
+        the shorter target lists are padded with a repeat of their last class set, whose maps are
+        dropped. The maps are made at the target layer's own grid and resampled per photo to its
+        working resolution, exactly as :meth:`__call__` does inside the CAM method.
+        """
+        if len(images) != len(class_sets_per_image):
+            raise ValueError(f"{len(images)} photos but {len(class_sets_per_image)} class-set lists")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        targets = [[list(c) for c in sets] for sets in class_sets_per_image]
+        works = [working_size(*img.shape[:2], self.cfg.work_side) for img in images]
+        totals: list[torch.Tensor | None] = [None] * len(images)
+        probs: list[list[torch.Tensor]] = [[] for _ in images]
+        features: list[torch.Tensor | None] = [None] * len(images)
+        largest = int(np.argmax(self.cfg.scales))
+        for s, scale in enumerate(self.cfg.scales):
+            record = bool(self.affinity_layer) and s == largest
+            for size, rows in self._groups(images, works, scale, max_batch):
+                for i, maps, p, feats in self._group_pass(images, rows, size, works, targets, record):
+                    totals[i] = maps if totals[i] is None else totals[i] + maps
+                    probs[i].append(p)
+                    if record:
+                        features[i] = feats
+        return [self._finish(t, p, f, work) for t, p, f, work in zip(totals, probs, features, works)]
+
+    def _groups(self, images: Sequence[np.ndarray], works: Sequence[tuple[int, int]], scale: float,
+                max_batch: int) -> Iterator[tuple[tuple[int, int], list[int]]]:
+        """(pass size, photo indices) of the batches at `scale`: photos of one pass size, at most
+        `max_batch` each. When several layers are fused, photos must also share their working size
+        (each layer's map is min-max scaled at that size inside the CAM method)."""
+        fused = len(self.method.target_layers) > 1
+        groups: dict[tuple, list[int]] = {}
+        for i, (img, work) in enumerate(zip(images, works)):
+            size = pass_size(*img.shape[:2], scale, self.cfg)
+            groups.setdefault((size, work) if fused else (size,), []).append(i)
+        for key, rows in groups.items():
+            for start in range(0, len(rows), max_batch):
+                yield key[0], rows[start:start + max_batch]
+
+    def _group_pass(self, images: Sequence[np.ndarray], rows: list[int], size: tuple[int, int],
+                    works: Sequence[tuple[int, int]], targets: list[list[list[int]]],
+                    record: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """One batched pass of the photos `rows` at pass `size` -> per photo (index, its flip-folded
+        maps (K, h, w) at its working size, its tag probabilities (K,), its affinity features
+        (1, C, h', w') when `record`)."""
+        n = len(rows)
+        x = self.backbone.to_tensor([images[i] for i in rows], size)
+        if self.cfg.flip:
+            x = torch.cat([x, x.flip(-1)])   # rows j and j + n: photo j and its mirror image
+        k_max = max(len(targets[i]) for i in rows)
+        padded = [targets[i] + [targets[i][-1]] * (k_max - len(targets[i])) for i in rows]
+        fused = len(self.method.target_layers) > 1
+        grid = works[rows[0]] if fused else self._grid(size)
+        recorder = LayerRecorder(self.backbone.model, [self.affinity_layer]) if record else nullcontext()
+        with recorder as rec:
+            res = self.method.compute(x, padded * (x.shape[0] // n), output_size=grid, normalize=False)
+        for j, i in enumerate(rows):
+            k = len(targets[i])
+            maps = res.maps[j::n, :k]
+            if not fused:
+                maps = F.interpolate(maps, size=works[i], mode="bilinear", align_corners=False)
+            feats = rec[self.affinity_layer][j:j + 1].detach().clone() if record else None
+            yield i, self._fold(maps), _tag_probs(res.logits[j::n], targets[i]), feats
+
+    def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the target layer's output for a pass of `size` (cached per size): a probe forward
+        pass of a blank photo, stopped as soon as that layer has run."""
+        if size not in self._grids:
+            def stop(module, inputs, output):
+                raise _LayerReached(tuple(output.shape[-2:]))
+
+            handle = get_layer(self.backbone.model, self.method.target_layers[0]).register_forward_hook(stop)
+            try:
+                with torch.no_grad():
+                    self.backbone.model(torch.zeros(1, 3, *size, device=self.backbone.device))
+            except _LayerReached as reached:
+                self._grids[size] = reached.args[0]
+            finally:
+                handle.remove()
+            if size not in self._grids:
+                raise RuntimeError(f"layer {self.method.target_layers[0]!r} did not run in a forward pass")
+        return self._grids[size]
+
+    def _fold(self, maps: torch.Tensor) -> torch.Tensor:
+        """(1 or 2, K, h, w) maps of one photo (and its mirror image) -> (K, h, w): the mirror's maps
+        flipped back, each map scaled to a max of 1, summed."""
+        if self.cfg.flip:
+            maps = torch.stack([maps[0], maps[1].flip(-1)])
+        peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
+        return (maps / peak).sum(dim=0)
+
+    def _finish(self, total: torch.Tensor, probs: list[torch.Tensor], features: torch.Tensor | None,
+                work: tuple[int, int]) -> CAMOutput:
+        """The summed maps of all passes scaled to a max of 1 per tag, propagated (with the clutter
+        guard) when affinity features were recorded; the tag probabilities averaged over passes."""
         peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
         maps = total / peak
         if features is not None:
             walked = propagate(maps, features, self.cfg.affinity_beta, self.cfg.affinity_steps)
             maps = guard_cover(maps, walked, self.cfg.cover_limit, self.cfg.cover_fallback)
         return CAMOutput(maps=maps, probs=torch.stack(probs).mean(0), work_size=work)
+
+
+@torch.no_grad()
+def _tag_probs(logits: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """(R, N) logits of a photo's rows (it and its mirror image) -> (K,) probability mass of each
+    target class set, averaged over the rows."""
+    p = logits.softmax(dim=1)
+    mask = torch.zeros(len(targets), p.shape[1], dtype=torch.bool, device=p.device)
+    for k, cls in enumerate(targets):
+        mask[k, cls] = True
+    return (p[:, None, :] * mask[None]).sum(-1).mean(0)
 
 
 @torch.no_grad()
