@@ -17,17 +17,21 @@ Tags for a task: when the task has a human annotation (most recent by updated/cr
 cancelled) with Choices on the Image, those labels are the tags. Otherwise the classifier picks: the
 config's labels whose ``tag_scores`` >= TAG2MASK_THRESHOLD (best first, at most TAG2MASK_MAX_TAGS);
 when none passes, the single best label is used anyway (a low-confidence pre-annotation is still a
-useful start, and its low score sorts it first for review). Labels the engine cannot map
-(UnknownTagError) are left out, with a warning once per config.
+useful start, and its low score sorts it first for review). A label is usable when the engine can
+segment it (``engine.can_segment``): the ImageNet classifier names it, or the project's promoted
+classifier head was trained on it. Other labels are left out, with a warning once per config.
 
 Trained heads: a prediction for a project with a promoted model (``backend.registry``, trained by
 ``backend.training_jobs``) runs the engine with that project's heads (``engine.set_heads``, under the
-inference lock; the seg head is fused before the CRF for the tags it knows) and reports
-``<base>+p<project>.vN``. The heads come from one :class:`backend.training_jobs.ProjectHeadsCache`
-per process (``TAG2MASK_HEADS_TTL`` seconds, default 30), reading the registry in ``MODEL_DIR``, or
-the Redis mirror (:class:`backend.training_jobs.RedisModelStore`) for projects that registry lacks
-when ``REDIS_URL`` is set. The heads' classifier head is not used to choose tags yet (tags still
-come from the ImageNet classifier or the annotation).
+inference lock) and reports ``<base>+p<project>.vN``. The seg head is fused before the CRF for the
+tags it knows. The classifier head makes the project's own labels usable: a label ImageNet cannot
+name ("Pony photo") that the head was trained on gets its score (to be chosen as a tag) and its
+CAM (so its brush, polygon and box results) from the head (:mod:`explainers.segment.head_cam`);
+labels ImageNet names keep the ImageNet classifier (``fusion.head_cam`` of the preset). The heads
+come from one :class:`backend.training_jobs.ProjectHeadsCache` per process (``TAG2MASK_HEADS_TTL``
+seconds, default 30), reading the registry in ``MODEL_DIR``, or the Redis mirror
+(:class:`backend.training_jobs.RedisModelStore`) for projects that registry lacks when
+``REDIS_URL`` is set.
 
 A task that fails (image unreadable, not allowed, no usable tag) becomes
 ``{"model_version": v, "score": 0.0, "error": "<reason>"}`` -- no "result", so Label Studio skips it --
@@ -308,18 +312,25 @@ class Tag2MaskModel:
         return out
 
     def _usable_labels(self, engine, config: LabelConfig, extra: dict) -> list[str]:
+        """The config's labels the engine (with this project's heads set) can segment: named by the
+        ImageNet classifier, or known to the project's promoted classifier head. The others are
+        warned about once per label."""
         from explainers.errors import UnknownTagError
 
         usable = []
         for label in config.labels:
-            try:
-                engine.class_set(label)
+            if engine.can_segment(label):
                 usable.append(label)
-            except UnknownTagError as exc:
-                if label not in self._unknown_warned:
-                    self._unknown_warned.add(label)
-                    log.warning("label %r maps to no classifier class; it will not be predicted (%s). "
-                                "Add predicted_values=\"class a,class b\" to the <Label>/<Choice>.", label, exc)
+                continue
+            if label not in self._unknown_warned:
+                self._unknown_warned.add(label)
+                try:
+                    engine.class_set(label)
+                except UnknownTagError as exc:
+                    log.warning("label %r maps to no classifier class and no trained head knows it; it will not "
+                                "be predicted (%s). Add predicted_values=\"class a,class b\" to the "
+                                "<Label>/<Choice>, or annotate photos with it so that training learns it.",
+                                label, exc)
         return usable
 
     def predict_one(self, task: dict, config: LabelConfig) -> dict:
@@ -366,21 +377,24 @@ class Tag2MaskModel:
                              "annotation" if human is not None else "classifier")
                 except Exception as exc:  # noqa: BLE001 - recorded per photo
                     out[i] = exc
-            photos = engine.predict_many([images[i] for i, _ in todo], [tags for _, tags in todo])
+            photos = engine.predict_many([images[i] for i, _ in todo], [tags for _, tags in todo],
+                                         batch_size=max(1, len(todo)))
         for (i, _), photo in zip(todo, photos):
             out[i] = photo if isinstance(photo, Exception) else make_prediction(photo, config, version)
         return out
 
     def _tags_for(self, engine, image, usable: list[str], human: list[str] | None) -> list[str]:
-        """The tags to segment in one photo: the annotated ones the engine can map, else the config
-        labels whose classifier score passes the threshold (at least the best one)."""
+        """The tags to segment in one photo: the annotated ones among `usable`, else the `usable` labels
+        whose score (``engine.tag_scores``: the ImageNet classifier's, or the project's classifier
+        head's for its own labels) passes the threshold (at least the best one)."""
         if human is not None:
             tags = [t for t in human if t in usable]
             if not tags:
-                raise ValueError(f"the annotated tags {human} map to no classifier class")
+                raise ValueError(f"the annotated tags {human} map to no classifier class and no trained head "
+                                 "knows them")
             return tags
         if not usable:
-            raise ValueError("no label of the labeling config maps to a classifier class")
+            raise ValueError("no label of the labeling config maps to a classifier class or a trained head's label")
         scores = engine.tag_scores(image, usable)
         ranked = sorted(usable, key=lambda t: -scores[t])
         tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]

@@ -2,7 +2,9 @@
 
 Stages (each a small function or class in this package, chosen by :class:`PipelineConfig`):
 
-1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes.
+1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes. With
+   trained heads, the project's own labels (those ImageNet cannot name, per ``fusion.head_cam``)
+   get theirs from its classifier head instead (:mod:`head_cam`), so they get masks too.
 2. Background (:mod:`background`): background + per-tag probabilities from the CAMs.
 2b. Fusion (optional, :func:`fuse_seg`): with trained heads (``Tag2Mask(heads=...)`` or
    ``set_heads``), the seg head's probabilities are blended into those of the tags it knows.
@@ -20,11 +22,13 @@ import numpy as np
 import torch
 
 from explainers.backbones import Backbone, load_backbone
+from explainers.hooks import LayerRecorder
 from explainers.segment.background import calibrated, class_probabilities
-from explainers.segment.cam_stage import CAMStage
+from explainers.segment.cam_stage import CAMStage, pass_size
 from explainers.segment.config import PipelineConfig
 from explainers.segment.crf import dense_crf
 from explainers.segment.geometry import mask_geometry
+from explainers.segment.head_cam import HeadCAM, merge_cam_outputs
 from explainers.segment.postprocess import clean_masks, label_masks
 from explainers.segment.types import PhotoResult, TagMask
 
@@ -105,8 +109,9 @@ class Tag2Mask:
         """Use a project's trained heads (:class:`explainers.training.ProjectHeads`, or None to stop).
 
         Their seg head's probabilities are fused with the CAM-derived ones (``config.fusion``) for
-        the tags it was trained on; other tags keep the CAM alone. The heads must sit on this
-        engine's backbone (same name).
+        the tags it was trained on; other tags keep the CAM alone. Their classifier head gives the
+        CAMs and scores of the tags of :meth:`_head_tags` (labels ImageNet cannot name, by default).
+        The heads must sit on this engine's backbone (same name).
         """
         if heads is not None:
             name = getattr(getattr(heads, "backbone", None), "name", None)
@@ -142,15 +147,52 @@ class Tag2Mask:
         timings["cam"] = time.perf_counter() - t0
         return self._from_cam(image, tags, cam, timings, t0)
 
+    def head_labels(self) -> list[str]:
+        """The labels of the project's classifier head ([] without heads or without a classifier)."""
+        classifier = getattr(self.heads, "classifier", None)
+        return list(classifier.labels) if classifier is not None else []
+
+    def knows_tag(self, tag: str) -> bool:
+        """Whether the backbone's classifier can name `tag` (it resolves to ImageNet classes)."""
+        from explainers.errors import UnknownTagError
+
+        try:
+            self.class_set(tag)
+        except UnknownTagError:
+            return False
+        return True
+
+    def can_segment(self, tag: str) -> bool:
+        """Whether :meth:`predict` can give `tag` a mask: the backbone's classifier names it, or it is
+        one of :meth:`_head_tags` (a label of the project's classifier head)."""
+        return bool(self._head_tags([tag])) or self.knows_tag(tag)
+
     def _head_tags(self, tags: Sequence[str]) -> list[str]:
-        """The tags whose CAM comes from the project's classifier head instead of the backbone's
-        classifier (none without heads)."""
-        return []
+        """The tags whose CAM comes from the project's classifier head (:class:`HeadCAM`) instead of
+        the backbone's classifier, per ``config.fusion.head_cam``: "unknown" = the head's labels the
+        backbone cannot name, "always" = all the head's labels, "off" = none (none without heads)."""
+        mode = self.config.fusion.head_cam
+        if mode not in ("unknown", "always", "off"):
+            raise ValueError(f"unknown fusion.head_cam {mode!r}; choose 'unknown', 'always' or 'off'")
+        known = set(self.head_labels())
+        if mode == "off" or not known:
+            return []
+        return [t for t in tags if t in known and (mode == "always" or not self.knows_tag(t))]
 
     def _cam_output(self, image: np.ndarray, tags: Sequence[str]):
         """Stage 1 for one photo: the CAM maps and tag probabilities of `tags`, in order
-        (:class:`~explainers.segment.cam_stage.CAMOutput`)."""
-        cam = self.cam_stage(image, [self.class_set(t) for t in tags])
+        (:class:`~explainers.segment.cam_stage.CAMOutput`). The tags of :meth:`_head_tags` get theirs
+        from the classifier head (:class:`~explainers.segment.head_cam.HeadCAM`, probabilities = the
+        head's sigmoid), the others from the backbone's classifier (``self.cam_stage``)."""
+        head = set(self._head_tags(tags))
+        parts = []
+        imagenet = [t for t in tags if t not in head]
+        if imagenet:
+            parts.append((imagenet, self.cam_stage(image, [self.class_set(t) for t in imagenet])))
+        if head:
+            labels = [t for t in tags if t in head]
+            parts.append((labels, HeadCAM(self.backbone, self.heads.classifier, self.config.cam)(image, labels)))
+        cam = parts[0][1] if len(parts) == 1 else merge_cam_outputs(tags, parts)
         if cam.maps.is_cuda:
             torch.cuda.synchronize()
         return cam
@@ -218,36 +260,112 @@ class Tag2Mask:
         return {t: cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for t, p in seg.items()}
 
     def predict_many(self, images: Sequence[np.ndarray], tags_per_image: Sequence[Sequence[str]],
-                     progress: Callable[[int, int], None] | None = None) -> list[PhotoResult | Exception]:
+                     progress: Callable[[int, int], None] | None = None,
+                     batch_size: int = 8) -> list[PhotoResult | Exception]:
         """`predict` for each photo; a failing photo gives its Exception at its index, the rest go on.
 
-        `progress(done, total)` is called after each photo.
+        The photos go in chunks of `batch_size`: stage 1 (the CAMs) of a chunk's photos runs in shared
+        batched passes (:meth:`CAMStage.many`, at most `batch_size` photos a pass), stages 2-5 per
+        photo. Photos the batched stage cannot take (tags of the project's classifier head, an unknown
+        tag, not a photo), and all of a chunk whose batched stage fails, go through :meth:`predict` one
+        by one. The results equal :meth:`predict`'s up to float noise. `progress(done, total)` is
+        called after each photo.
         """
         if len(images) != len(tags_per_image):
             raise ValueError(f"{len(images)} photos but {len(tags_per_image)} tag lists")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        total = len(images)
         out: list[PhotoResult | Exception] = []
-        for i, (img, tags) in enumerate(zip(images, tags_per_image)):
-            try:
-                out.append(self.predict(img, tags))
-            except Exception as exc:  # noqa: BLE001 - recorded per photo, by design
-                out.append(exc)
-            if progress is not None:
-                progress(i + 1, len(images))
+        for start in range(0, total, batch_size):
+            chunk = range(start, min(total, start + batch_size))
+            batched, cam_seconds = self._batched_cams([images[i] for i in chunk],
+                                                      [tags_per_image[i] for i in chunk], batch_size)
+            for j, i in enumerate(chunk):
+                out.append(self._predict_one(images[i], tags_per_image[i], batched.get(j), cam_seconds))
+                if progress is not None:
+                    progress(i + 1, total)
         return out
+
+    def _batchable(self, image_rgb: np.ndarray, tags: Sequence[str]) -> tuple[np.ndarray, list[str], list] | None:
+        """(checked photo, tags without repeats, their class sets) when the batched CAM stage can take
+        the photo: tags given, all named by the backbone's classifier, none for the classifier head.
+        None otherwise (also when the photo or a tag is bad: :meth:`predict` then reports why)."""
+        try:
+            image = check_image(image_rgb)
+            tags = list(dict.fromkeys(tags))
+            if not tags or self._head_tags(tags):
+                return None
+            return image, tags, [self.class_set(t) for t in tags]
+        except Exception:  # noqa: BLE001 - the photo goes one by one, where its error is reported
+            return None
+
+    def _batched_cams(self, images: Sequence[np.ndarray], tags_per_image: Sequence[Sequence[str]],
+                      max_batch: int) -> tuple[dict[int, tuple[np.ndarray, list[str], object]], float]:
+        """Stage 1 of the :meth:`_batchable` photos of a chunk in batched passes -> ({position in the
+        chunk: (photo, tags, CAMOutput)}, CAM seconds per photo). Empty when none is batchable or the
+        batched stage fails (then all go one by one)."""
+        ready = {}
+        for j, (img, tags) in enumerate(zip(images, tags_per_image)):
+            prepared = self._batchable(img, tags)
+            if prepared is not None:
+                ready[j] = prepared
+        if not ready:
+            return {}, 0.0
+        t0 = time.perf_counter()
+        try:
+            cams = self.cam_stage.many([p[0] for p in ready.values()], [p[2] for p in ready.values()], max_batch)
+            if cams[0].maps.is_cuda:
+                torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - e.g. out of device memory: the one-by-one path still works
+            return {}, 0.0
+        seconds = (time.perf_counter() - t0) / len(ready)
+        return {j: (p[0], p[1], cam) for (j, p), cam in zip(ready.items(), cams)}, seconds
+
+    def _predict_one(self, image_rgb: np.ndarray, tags: Sequence[str], batched: tuple | None,
+                     cam_seconds: float) -> PhotoResult | Exception:
+        """One photo's result, or its Exception: stages 2-5 from its batched CAMs (`batched` = (photo,
+        tags, CAMOutput), their time `cam_seconds` counted in its timings), else :meth:`predict`."""
+        try:
+            if batched is None:
+                return self.predict(image_rgb, tags)
+            image, tags, cam = batched
+            return self._from_cam(image, tags, cam, {"cam": cam_seconds}, time.perf_counter() - cam_seconds)[0]
+        except Exception as exc:  # noqa: BLE001 - recorded per photo, by design
+            return exc
 
     # -- classifier only ------------------------------------------------------------------------
     def _probs(self, image_rgb: np.ndarray) -> torch.Tensor:
         image = check_image(image_rgb)
         h, w = image.shape[:2]
-        from explainers.segment.cam_stage import pass_size
-
         x = self.backbone.to_tensor(image, pass_size(h, w, 1.0, self.config.cam))
         return self.backbone.predict(x)[0]
 
     def tag_scores(self, image_rgb: np.ndarray, tags: Sequence[str]) -> dict[str, float]:
-        """Probability mass of each tag's class set (one forward pass)."""
-        p = self._probs(image_rgb)
-        return {tag: float(p[list(self.class_set(tag))].sum()) for tag in tags}
+        """Each tag's probability on this photo, from one forward pass at the CAM stage's scale-1 size.
+
+        The tags of :meth:`_head_tags` get the project's classifier head's sigmoid probability (the
+        score their masks get too); the others the probability mass of their ImageNet class set.
+        With the default ``fusion.head_cam = "unknown"`` the head scores only the labels ImageNet
+        cannot name, because the head learns that a label is absent only from the project's photos
+        without it: a project whose examples all carry the label (every photo tagged "horse") trains
+        a head that says yes to anything (12 horse-only photos: "horse" 0.99 on skimage's cat),
+        whereas ImageNet's softmax never degenerates so. ``"always"`` scores every label the head
+        knows with the head (better for projects whose examples include photos without the label).
+        """
+        image = check_image(image_rgb)
+        h, w = image.shape[:2]
+        head = set(self._head_tags(tags))
+        x = self.backbone.to_tensor(image, pass_size(h, w, 1.0, self.config.cam))
+        layer = self.backbone.target_layers[0]
+        with LayerRecorder(self.backbone.model, [layer] if head else []) as rec:
+            p = self.backbone.predict(x)[0]
+        scores = {}
+        if head:
+            classifier = self.heads.classifier
+            probs = classifier.predict_proba(rec[layer].float().mean(dim=(2, 3)))[0]
+            scores = {t: float(probs[classifier.labels.index(t)]) for t in head}
+        return {tag: scores[tag] if tag in head else float(p[list(self.class_set(tag))].sum()) for tag in tags}
 
     def classify(self, image_rgb: np.ndarray, top_k: int = 5) -> list[tuple[str, float]]:
         """The classifier's own top tags: class probabilities summed per tag (tag_for_class), best first."""

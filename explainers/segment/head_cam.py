@@ -1,0 +1,132 @@
+"""Stage 1 for a project's own labels: class activation maps from its trained classifier head.
+
+A :class:`~explainers.heads.ClassifierHead` computes ``logits = W (pooled - mean) / std + b``, where
+``pooled`` is the spatial mean of the backbone's GAP layer (``backbone.target_layers[0]``, see
+:class:`~explainers.heads.BackboneFeatures`). That is exactly the case of the original CAM: the logit
+of label k is the spatial mean of
+
+    M_k(x, y) = sum_c W[k, c] / std[c] * A_c(x, y)
+
+plus a constant ``b_k - sum_c W[k, c] mean[c] / std[c]``. So a label ImageNet never had
+("pony-photo") gets a map from the same features the ImageNet CAM reads, with no gradient pass.
+
+:class:`HeadCAM` makes those maps with the passes of the CAM stage (:mod:`cam_stage`: the same pass
+sizes, scales and flip, ReLU at the layer's resolution, bilinear to the working size, per-pass peak
+normalisation, average) and its post-steps (``propagate`` over the affinity layer's features of the
+largest pass, then ``guard_cover``), and returns a :class:`~explainers.segment.cam_stage.CAMOutput`
+whose ``probs`` are the head's sigmoid probabilities (mean over the passes and mirror images).
+Everything stays on the backbone's device.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from explainers.backbones import Backbone
+from explainers.errors import UnknownTagError
+from explainers.heads import ClassifierHead
+from explainers.hooks import LayerRecorder, get_layer
+from explainers.segment.cam_stage import CAMOutput, guard_cover, pass_size, propagate, working_size
+from explainers.segment.config import CAMConfig
+
+__all__ = ["HeadCAM", "merge_cam_outputs"]
+
+
+class HeadCAM:
+    """Callable: (photo RGB uint8, labels of `classifier`) -> :class:`CAMOutput`.
+
+    `classifier` must read the pooled `backbone.target_layers[0]` (as every head trained by
+    :func:`explainers.training.train_heads` does). `cfg` gives the passes and post-steps, as for
+    :class:`~explainers.segment.cam_stage.CAMStage`.
+    """
+
+    def __init__(self, backbone: Backbone, classifier: ClassifierHead, cfg: CAMConfig):
+        if not cfg.scales:
+            raise ValueError("CAMConfig.scales is empty")
+        self.backbone = backbone
+        self.classifier = classifier
+        self.cfg = cfg
+        self.layer = backbone.target_layers[0]
+        self.affinity_layer = (cfg.affinity_layer or backbone.fusion_layers[-1]) if cfg.affinity else None
+        for name in (self.layer, self.affinity_layer):
+            if name:
+                get_layer(backbone.model, name)   # a wrong name fails here, listing the valid ones
+
+    def weights(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, C) channel weights ``W / std`` and (K,) constants ``b - W mean / std`` of `labels`."""
+        index = []
+        for label in labels:
+            if label not in self.classifier.labels:
+                raise UnknownTagError(f"the project's classifier head does not know {label!r} "
+                                      f"(it knows {', '.join(self.classifier.labels)})")
+            index.append(self.classifier.labels.index(label))
+        clf = self.classifier
+        w = clf.linear.weight.detach().float()[index] / clf.std.float()
+        const = clf.linear.bias.detach().float()[index] - w @ clf.mean.float()
+        return w, const
+
+    @torch.no_grad()
+    def layer_maps(self, x: torch.Tensor, labels: Sequence[str],
+                   record: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass of the batch `x`: the raw maps M_k (B, K, h, w) at the GAP layer's
+        resolution (before any ReLU; their spatial mean is the head's logit minus the constant of
+        :meth:`weights`), the head's logits (B, K), and the outputs of the extra layers `record`."""
+        w, const = self.weights(labels)
+        names = list(dict.fromkeys([self.layer, *record]))
+        with LayerRecorder(self.backbone.model, names) as rec:
+            self.backbone.model(x)
+        acts = rec[self.layer].detach().float()
+        if acts.shape[1] != w.shape[1]:
+            raise ValueError(f"the classifier head takes {w.shape[1]} features, layer {self.layer!r} has "
+                             f"{acts.shape[1]} channels: it was trained on another backbone")
+        maps = torch.einsum("kc,bchw->bkhw", w, acts)
+        logits = maps.mean(dim=(2, 3)) + const
+        return maps, logits, {name: rec[name].detach() for name in record}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, labels: Sequence[str]) -> CAMOutput:
+        h, w = image.shape[:2]
+        work = working_size(h, w, self.cfg.work_side)
+        total = None
+        probs = []
+        features = None
+        largest = int(np.argmax(self.cfg.scales))
+        for i, scale in enumerate(self.cfg.scales):
+            x = self.backbone.to_tensor(image, pass_size(h, w, scale, self.cfg))
+            if self.cfg.flip:
+                x = torch.cat([x, x.flip(-1)])
+            record = [self.affinity_layer] if (self.affinity_layer and i == largest) else []
+            raw, logits, rec = self.layer_maps(x, labels, record)
+            if record:   # features of the largest pass (unflipped photo), as the CAM stage takes them
+                features = rec[self.affinity_layer][:1]
+            maps = F.interpolate(F.relu(raw), size=work, mode="bilinear", align_corners=False)
+            if self.cfg.flip:
+                maps = torch.stack([maps[0], maps[1].flip(-1)])
+            peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
+            maps = (maps / peak).sum(dim=0)
+            total = maps if total is None else total + maps
+            probs.append(logits.sigmoid().mean(0))
+        peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
+        maps = total / peak
+        if features is not None:
+            walked = propagate(maps, features, self.cfg.affinity_beta, self.cfg.affinity_steps)
+            maps = guard_cover(maps, walked, self.cfg.cover_limit, self.cfg.cover_fallback)
+        return CAMOutput(maps=maps, probs=torch.stack(probs).mean(0), work_size=work)
+
+
+def merge_cam_outputs(tags: Sequence[str], parts: Sequence[tuple[Sequence[str], CAMOutput]]) -> CAMOutput:
+    """One :class:`CAMOutput` for `tags`, in order, from outputs of disjoint subsets of them
+    (``(their tags, output)`` pairs of the same photo, hence the same working size)."""
+    sizes = {tuple(out.work_size) for _, out in parts}
+    if len(sizes) != 1:
+        raise ValueError(f"CAM outputs of different working sizes: {sorted(sizes)}")
+    where = {t: (i, k) for i, (names, _) in enumerate(parts) for k, t in enumerate(names)}
+    missing = [t for t in tags if t not in where]
+    if missing:
+        raise ValueError(f"no CAM output has the tags {missing}")
+    maps = torch.stack([parts[where[t][0]][1].maps[where[t][1]] for t in tags])
+    probs = torch.stack([parts[where[t][0]][1].probs[where[t][1]].float() for t in tags])
+    return CAMOutput(maps=maps, probs=probs, work_size=parts[0][1].work_size)
