@@ -2,14 +2,18 @@
 
     tag2mask train --ls-export EXPORT.json --images-root DIR [--project P] [--label-config FILE]
     tag2mask train --images DIR --masks DIR --tag NAME [--split FILE] [--limit N] [--project P]
-        common: [--no-promote] [--force] [--model-dir DIR] [--json] [--backbone B] [--device D] [-q]
+        common: [--no-promote] [--force] [--model-dir DIR] [--json] [--backbone B] [--preset P] [--device D]
+                [--box-mode grabcut|box] [-q]
     tag2mask models list [--project P] [--json]
     tag2mask models promote PROJECT VERSION [--force]
     tag2mask models rollback PROJECT
 
 Both ``train`` forms produce the same registry entries as the background training
 (:func:`backend.training_jobs.train_and_register`: a new version with validation scores, promoted
-unless its validation regresses against the current one, or ``--no-promote``).
+unless its validation regresses against the current one, or ``--no-promote``), including the seg
+head's fusion weight chosen on the validation masks with ``--preset``'s pipeline (shown by
+``train`` and in the ``fusion=`` column of ``models list``; "default" when fewer than 5 validation
+masks: the served preset's weight then applies; 0.25 for a seg head trained on boxes only).
 
 ``--ls-export``: Label Studio's JSON export (a list of tasks with their ``annotations``). Per task the
 most recent non-cancelled annotation is the example (Choices -> tags, brush RLE / polygons -> masks,
@@ -260,6 +264,8 @@ def cmd_train(args) -> int:
     config = {"val_fraction": args.val_fraction}
     if args.seg_epochs is not None:
         config["seg_epochs"] = args.seg_epochs
+    if args.box_mode is not None:
+        config["box_mode"] = args.box_mode
     if not args.quiet:
         from tqdm import tqdm
 
@@ -269,7 +275,8 @@ def cmd_train(args) -> int:
 
         report = train_and_register(samples, project, _registry(args), backbone, config=config,
                                     promote=not args.no_promote, force=args.force, trigger="cli",
-                                    extra_meta={**meta, "device": str(backbone.device)})
+                                    extra_meta={**meta, "device": str(backbone.device), "preset": args.preset},
+                                    preset=args.preset)
     except (ValueError, ExplainersError) as exc:
         raise _usage(f"cannot train: {exc}") from None
     finally:
@@ -286,13 +293,34 @@ def cmd_train(args) -> int:
         state = "promoted" if report["promoted"] else f"not promoted ({report['reason']})"
         print(f"project {project}: {report['version']} trained on {report['counts']['train']} example(s), "
               f"validated on {report['counts']['val']} ({scores or 'no scores'}) in "
-              f"{report['seconds'].get('total', 0):.1f} s; {state}; current: {report['current']}")
+              f"{report['seconds'].get('total', 0):.1f} s; fusion weight {_fusion_text(v.get('fusion'))}; "
+              f"{state}; current: {report['current']}")
     return EXIT_FAILED if (errors or skipped) else EXIT_OK
 
 
 # -- models -------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _fusion_weight(fusion: dict | None) -> str:
+    """The chosen fusion weight of a version's ``validation["fusion"]``, "default" when none was chosen."""
+    chosen = (fusion or {}).get("chosen")
+    return f"{chosen:g}" if isinstance(chosen, (int, float)) else "default"
+
+
+def _fusion_text(fusion: dict | None) -> str:
+    """A version's fusion weight for humans: "0.85 (chosen on 10 masks)", "default (2 masks < 5)",
+    "0.25 (seg head trained on boxes only)", "default" (no validation masks or no seg head)."""
+    if not fusion:
+        return "default"
+    if fusion.get("error"):
+        return "default (choice failed)"
+    if fusion.get("rule"):
+        return f"{fusion['chosen']:g} ({fusion['rule']})"
+    if fusion.get("chosen") is None:
+        return f"default ({fusion.get('n_masks', 0)} masks < {fusion.get('min_masks')})"
+    return f"{fusion['chosen']:g} (chosen on {fusion.get('n_masks')} masks)"
 
 
 @_reporting_usage
@@ -321,7 +349,7 @@ def cmd_models(args) -> int:
                     print(f"  {'*' if m.get('current') else ' '} {m['version']:<5} {str(m.get('created', ''))[:19]:<19} "
                           f"labels={','.join(m.get('labels') or [])} train={c.get('train', '-')} val={c.get('val', '-')} "
                           f"map={_fmt(v.get('map'))} f1={_fmt(v.get('f1'))} fg_iou={_fmt(v.get('fg_iou'))} "
-                          f"parent={m.get('parent') or '-'}{note}")
+                          f"fusion={_fusion_weight(v.get('fusion'))} parent={m.get('parent') or '-'}{note}")
             return EXIT_OK
         if args.models_command == "promote":
             if args.version not in reg.versions(args.project):
@@ -372,9 +400,11 @@ def add_parsers(sub, model_options, progress_option) -> None:
     p.add_argument("--force", action="store_true", help="promote even if validation regresses")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation (0.2)")
     p.add_argument("--seg-epochs", type=int, default=None, help="segmentation head epochs (default 40)")
+    p.add_argument("--box-mode", choices=("grabcut", "box"), default=None,
+                   help="how box-only labels supervise the seg head: GrabCut pseudo-masks (default) or filled boxes")
     p.add_argument("--model-dir", metavar="DIR", help="default: $MODEL_DIR or ./model_dir")
     p.add_argument("--json", action="store_true", help="print the training report as JSON")
-    model_options(p, preset=False)
+    model_options(p, preset=True)      # --preset: the pipeline the fusion weight is chosen with
     progress_option(p)
     p.set_defaults(func=cmd_train)
 

@@ -22,7 +22,8 @@ The pieces of issue 5 that connect the foundation (``backend.examples``, ``expla
   lock with a TTL; a second job finding it held returns ``{"status": "skipped"}``). Examples ->
   :class:`explainers.training.Sample` (photos through :class:`backend.image_fetch.ImageFetcher`) ->
   :func:`explainers.training.train_heads` on the process's backbone (CUDA when present unless
-  ``TAG2MASK_DEVICE`` says otherwise) -> ``ModelRegistry.save_result(..., examples_revision=rev)``
+  ``TAG2MASK_DEVICE`` says otherwise) -> the seg head's fusion weight chosen on the validation masks
+  (:func:`tune_fusion`, ``TAG2MASK_PRESET``'s pipeline) -> ``ModelRegistry.save_result(..., examples_revision=rev)``
   -> ``promote`` (refused when validation regresses; the decision is written into the version's
   ``meta.json`` under ``"promotion"`` and logged).
 * :func:`train_and_register` -- the shared core (also used by ``tag2mask train``).
@@ -59,7 +60,8 @@ from backend.settings import Settings
 
 __all__ = [
     "TRAIN_FUNC", "START_TRAINING", "handle_training_event", "check_projects", "training_tick",
-    "run_training_scheduler", "register_cron", "train_project", "train_and_register", "samples_from_store",
+    "run_training_scheduler", "register_cron", "train_project", "train_and_register", "tune_fusion",
+    "samples_from_store",
     "enqueue_training", "train_job_id", "last_trained_revision", "load_project_heads", "current_model_version",
     "project_model_version",
     "ProjectHeadsCache", "RedisModelStore", "get_backbone", "parse_config_cached",
@@ -540,20 +542,64 @@ def _record_promotion(registry: ModelRegistry, project, version: str, promotion,
     os.replace(tmp, path)
 
 
+def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -> dict | None:
+    """Choose the seg head's fusion weight of a :class:`~explainers.training.TrainResult` on its
+    validation samples that have masks (:func:`explainers.segment.fusion_tuning.choose_fusion_weight`,
+    the pipeline of `preset`), set ``result.fusion_weight`` and return the choice for the version's
+    meta (``validation["fusion"]``). Without enough validation masks the weight is
+    :func:`~explainers.segment.fusion_tuning.fallback_weight`'s (box-only heads: 0.25; else None,
+    the engine's default), with ``"rule"`` saying so. None when there is no seg head, or no
+    validation mask and no fallback; ``{"error": ...}`` when the choice failed (logged; the training
+    is kept with the default weight)."""
+    if result.segmenter is None:
+        return None
+    from explainers.segment.fusion_tuning import choose_fusion_weight, fallback_weight
+
+    val_keys = set(result.val_keys)
+    val = [s for s in samples if str(s.key) in val_keys and s.masks]
+    meta = None
+    if val:
+        from explainers.segment import PipelineConfig, Tag2Mask
+        from explainers.training import ProjectHeads
+
+        try:
+            engine = Tag2Mask(backbone, PipelineConfig.preset(preset))
+            heads = ProjectHeads(backbone, result.classifier, result.segmenter, result.layers, result.size)
+            choice = choose_fusion_weight(engine, heads, val)
+        except Exception as exc:   # noqa: BLE001 - the heads are still good; serve them at the default weight
+            log.warning("fusion weight not chosen (%s: %s); the default stays", type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        result.fusion_weight = choice.weight
+        result.seconds["fusion_tuning"] = choice.seconds
+        meta = choice.to_meta()
+    fallback = fallback_weight(result.counts)
+    if result.fusion_weight is None and fallback is not None:
+        result.fusion_weight = fallback
+        meta = {**(meta or {}), "chosen": fallback, "rule": "seg head trained on boxes only"}
+    return meta
+
+
 def train_and_register(samples: Sequence, project, registry: ModelRegistry, backbone, *, labels=None,
                        config: dict | None = None, examples_revision: int | None = None, promote: bool = True,
                        force: bool = False, tolerance: float = 0.0, trigger: str = "manual",
-                       extra_meta: dict | None = None) -> dict:
-    """Train heads on `samples`, save a registry version, promote it unless validation regresses.
+                       extra_meta: dict | None = None, preset: str = "balanced") -> dict:
+    """Train heads on `samples`, choose their fusion weight on the validation masks
+    (:func:`tune_fusion`, the pipeline of `preset`), save a registry version, promote it unless
+    validation regresses.
 
     Returns ``{"project", "version", "promoted", "reason", "previous", "current", "validation",
-    "counts", "seconds", "labels"}``. A refused promotion is logged (warning) and recorded in the
-    version's ``meta.json`` (``"promotion"``) and in the registry's state log.
+    "counts", "seconds", "labels", "fusion_weight"}`` (``fusion_weight`` None: the engine's default;
+    the per-weight scores are in ``validation["fusion"]``). A refused promotion is logged (warning)
+    and recorded in the version's ``meta.json`` (``"promotion"``) and in the registry's state log.
     """
     from explainers.training import train_heads
 
     cfg = _train_config(config)
-    result = train_heads(backbone, list(samples), labels=labels, config=cfg)
+    samples = list(samples)
+    result = train_heads(backbone, samples, labels=labels, config=cfg)
+    fusion = tune_fusion(result, samples, backbone, preset)
+    if fusion is not None:
+        result.validation["fusion"] = fusion
     extra = dict(extra_meta or {})
     extra["trigger"] = trigger
     if examples_revision is not None:
@@ -561,6 +607,7 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
     version = registry.save_result(project, result, **extra)
     out = {"project": str(project), "version": version, "validation": result.validation,
            "counts": result.counts, "seconds": result.seconds, "labels": list(result.labels),
+           "fusion_weight": result.fusion_weight,
            "promoted": False, "reason": "not promoted (--no-promote)", "previous": registry.current(project)}
     if promote:
         p = registry.promote(project, version, force=force, tolerance=tolerance)
@@ -643,7 +690,8 @@ def train_project(project, options: dict | None = None, connection=None) -> dict
         report = train_and_register(samples, project, registry, backbone, config=options.get("config"),
                                     examples_revision=rev, force=bool(options.get("force")),
                                     trigger=str(options.get("trigger") or "auto"),
-                                    extra_meta={"device": str(backbone.device)})
+                                    extra_meta={"device": str(backbone.device), "preset": settings.preset},
+                                    preset=settings.preset)
         report.update(status="trained", revision=rev, wall_seconds=round(time.perf_counter() - t, 2))
         try:
             report["published"] = RedisModelStore(conn).publish(registry, project)

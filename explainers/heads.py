@@ -111,9 +111,15 @@ class ClassifierHead(nn.Module):
     with few photos.
     """
 
-    def __init__(self, in_features: int, labels: Sequence[str], dropout: float = 0.0):
+    def __init__(self, in_features: int, labels: Sequence[str], dropout: float = 0.0,
+                 negatives: Sequence[int] | None = None):
         super().__init__()
         self.labels = _check_labels(labels)
+        # training photos WITHOUT each label (None: unknown, e.g. an older checkpoint): a label the head
+        # never saw absent was never taught where it is not, see :meth:`knows_absence`
+        self.negatives = None if negatives is None else [int(n) for n in negatives]
+        if self.negatives is not None and len(self.negatives) != len(self.labels):
+            raise ValueError(f"{len(self.negatives)} negative counts for {len(self.labels)} labels")
         self.in_features = int(in_features)
         self.dropout_p = float(dropout)
         self.register_buffer("mean", torch.zeros(self.in_features))
@@ -148,13 +154,24 @@ class ClassifierHead(nn.Module):
         finally:
             self.train(was)
 
+    def knows_absence(self, label: str, min_negatives: int) -> bool:
+        """Whether the head was trained on at least `min_negatives` photos without `label` (False when
+        the counts are unknown). Only then does its score (and its CAM) say where the label is not."""
+        if self.negatives is None or label not in self.labels:
+            return False
+        return self.negatives[self.labels.index(label)] >= min_negatives
+
     def spec(self) -> dict:
-        return {"kind": "classifier", "in_features": self.in_features, "labels": list(self.labels),
+        spec = {"kind": "classifier", "in_features": self.in_features, "labels": list(self.labels),
                 "dropout": self.dropout_p}
+        if self.negatives is not None:
+            spec["negatives"] = list(self.negatives)
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict) -> "ClassifierHead":
-        return cls(int(spec["in_features"]), list(spec["labels"]), float(spec.get("dropout", 0.0)))
+        return cls(int(spec["in_features"]), list(spec["labels"]), float(spec.get("dropout", 0.0)),
+                   spec.get("negatives"))
 
 
 class SegHead(nn.Module):

@@ -9,9 +9,15 @@ masks and boxes per label, in pixels of the photo). ``train_heads`` does the who
    that keeps them on the device, so epochs only run the heads;
 3. train the :class:`~explainers.heads.ClassifierHead` on the tags (BCE, full batch) and, when
    some samples have masks or boxes, the :class:`~explainers.heads.SegHead` (weighted BCE + soft
-   Dice; a mask supervises every pixel, a box supervises outside=0 fully and inside=1 weakly, and a
-   label absent from a photo's tags is a negative everywhere);
+   Dice; a mask supervises every pixel; a box-only label supervises outside=0 fully and inside the
+   box, with ``box_mode="grabcut"`` (default), GrabCut's pseudo-mask at a lower weight
+   (:mod:`explainers.box_masks`, run when the photo is loaded for its features), with
+   ``box_mode="box"`` the filled box at ``box_weight``; a label absent from a photo's tags is a
+   negative everywhere);
 4. score the validation samples: mAP and F1@0.5 over tags, foreground IoU over masks.
+
+The seg head's weight in the pipeline's fusion is chosen afterwards on the validation masks
+(:func:`explainers.segment.fusion_tuning.choose_fusion_weight`; stored in ``fusion_weight``).
 
 CPU by default when no CUDA device is present (the backbone's device is used). Deterministic for a
 given seed on the CPU; on CUDA, bilinear upsampling's backward uses atomics, so runs may differ in
@@ -105,7 +111,11 @@ class TrainConfig:
     seg_batch: int = 8
     seg_hidden: int = 64
     target_stride: int = 4          # loss computed at size / target_stride
-    box_weight: float = 0.3         # weight of the inside-box pixels (target 1) of box-only labels
+    box_mode: str = "grabcut"       # box-only labels: "grabcut" pseudo-masks (explainers.box_masks) or "box" filled
+    box_weight: float = 0.3         # weight of the inside-box pixels (target 1) of a filled box
+    grabcut_weight: float = 0.6     # weight of the inside-box pixels of a GrabCut pseudo-mask (outside: 1)
+    grabcut_band: float = 0.02      # ignored band along GrabCut's outline, x the box's short side
+    grabcut_side: int = 256         # GrabCut's working resolution (long side, px)
     dice_weight: float = 0.5
     negatives_from_tags: bool = True  # a label missing from a photo's tags is background everywhere
     threshold: float = 0.5          # probability cut for F1 and masks
@@ -125,15 +135,20 @@ class TrainResult:
     config: dict
     train_keys: list[str] = field(default_factory=list)
     val_keys: list[str] = field(default_factory=list)
+    fusion_weight: float | None = None   # the seg head's fusion weight chosen on validation (None: the default)
 
     def checkpoint(self) -> dict:
-        """Everything a worker needs, as plain types + tensors (``torch.load(weights_only=True)``-safe)."""
+        """Everything a worker needs, as plain types + tensors (``torch.load(weights_only=True)``-safe);
+        ``"fusion_weight"`` only when one was chosen (:mod:`explainers.segment.fusion_tuning`)."""
         def pack(head):
             if head is None:
                 return None
             return {"spec": head.spec(), "state": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}}
-        return {"format": 1, "backbone": self.backbone, "layers": list(self.layers), "size": int(self.size),
+        ckpt = {"format": 1, "backbone": self.backbone, "layers": list(self.layers), "size": int(self.size),
                 "labels": list(self.labels), "classifier": pack(self.classifier), "segmenter": pack(self.segmenter)}
+        if self.fusion_weight is not None:
+            ckpt["fusion_weight"] = float(self.fusion_weight)
+        return ckpt
 
 
 # -- splitting ---------------------------------------------------------------------------------------
@@ -181,33 +196,42 @@ class FeatureCache:
     def forget(self, key: str) -> None:
         self._store.pop(key, None)
 
-    def get(self, samples: Sequence[Sample], skip_failed: bool = False) -> list[dict | None]:
+    def get(self, samples: Sequence[Sample], skip_failed: bool = False,
+            on_photo: Callable[[str, np.ndarray], None] | None = None) -> list[dict | None]:
         """Entries in the order of `samples`. A photo that cannot be loaded raises, or with
-        `skip_failed` gives None (its reason is kept in ``self.failed[key]``)."""
+        `skip_failed` gives None (its reason is kept in ``self.failed[key]``). `on_photo(key, photo)`
+        is called for each photo loaded here (those not cached yet), so other per-photo work (box
+        pseudo-masks) needs no second load."""
         missing = list(dict.fromkeys(s.cache_key for s in samples if s.cache_key not in self._store))
         by_key = {s.cache_key: s for s in samples}
-        backbone = self.features.backbone
-        photos: dict[str, np.ndarray] = {}
-        for k in missing:
-            try:
-                photos[k] = by_key[k].photo()
-            except Exception as exc:  # noqa: BLE001 - reported per photo
-                if not skip_failed:
-                    raise
-                self.failed[k] = f"{type(exc).__name__}: {exc}"
-        missing = [k for k in missing if k in photos]
-        for i in range(0, len(missing), self.batch_size):
-            keys = missing[i:i + self.batch_size]
-            x = backbone.to_tensor([photos.pop(k) for k in keys], self.size)
-            if self.flip:
-                x = torch.cat([x, x.flip(-1)])
-            pooled, maps = self.features(x)
-            n = len(keys)
-            for j, k in enumerate(keys):
-                idx = [j, n + j] if self.flip else [j]
-                self._store[k] = {"pooled": pooled[idx].contiguous(), "maps": [m[idx].contiguous() for m in maps]}
-            self.computed += n
+        for i in range(0, len(missing), self.batch_size):      # photos are loaded one batch at a time
+            photos: dict[str, np.ndarray] = {}
+            for k in missing[i:i + self.batch_size]:
+                try:
+                    photos[k] = by_key[k].photo()
+                except Exception as exc:  # noqa: BLE001 - reported per photo
+                    if not skip_failed:
+                        raise
+                    self.failed[k] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if on_photo is not None:
+                    on_photo(k, photos[k])
+            if photos:
+                self._extract(photos)
         return [self._store.get(s.cache_key) if skip_failed else self._store[s.cache_key] for s in samples]
+
+    def _extract(self, photos: dict[str, np.ndarray]) -> None:
+        """Run one batch of photos (key -> RGB) through the backbone (and their mirror images)."""
+        keys = list(photos)
+        x = self.features.backbone.to_tensor([photos[k] for k in keys], self.size)
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        pooled, maps = self.features(x)
+        n = len(keys)
+        for j, k in enumerate(keys):
+            idx = [j, n + j] if self.flip else [j]
+            self._store[k] = {"pooled": pooled[idx].contiguous(), "maps": [m[idx].contiguous() for m in maps]}
+        self.computed += n
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -281,12 +305,22 @@ def train_classifier(pooled: torch.Tensor, targets: torch.Tensor, labels: Sequen
 
 
 # -- segmentation ------------------------------------------------------------------------------------
-def _seg_targets(sample: Sample, labels: Sequence[str], out: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """(target, weight) float32 (K, out, out) for the square-resized photo; None if nothing supervises."""
+Targets = tuple[np.ndarray, np.ndarray]     # (target, weight) float32 arrays of the same shape
+
+
+def _seg_targets(sample: Sample, labels: Sequence[str], out: int, cfg: TrainConfig,
+                 pseudo: dict[str, Targets] | None = None) -> Targets | None:
+    """(target, weight) float32 (K, out, out) for the square-resized photo; None if nothing supervises.
+
+    A mask supervises every pixel; a box-only label uses its entry in `pseudo` (label -> (target,
+    weight) at (out, out), from :func:`_box_pseudo_targets`) when there is one, else the filled box
+    (outside 0 at weight 1, inside 1 at ``box_weight``); a label missing from the tags is background.
+    """
     k_n = len(labels)
     target = np.zeros((k_n, out, out), np.float32)
     weight = np.zeros((k_n, out, out), np.float32)
     tags = set(sample.all_tags())
+    pseudo = pseudo or {}
     shape = sample.shape
     for m in sample.masks.values():
         shape = np.asarray(m).shape[:2]
@@ -298,6 +332,8 @@ def _seg_targets(sample: Sample, labels: Sequence[str], out: int, cfg: TrainConf
             m = np.asarray(mask, np.float32)
             target[k] = cv2.resize(m, (out, out), interpolation=cv2.INTER_AREA)
             weight[k] = 1.0
+        elif boxes and label in pseudo:
+            target[k], weight[k] = pseudo[label]
         elif boxes:
             if shape is None:
                 shape = sample.photo().shape[:2]
@@ -314,6 +350,65 @@ def _seg_targets(sample: Sample, labels: Sequence[str], out: int, cfg: TrainConf
     if not weight.any():
         return None
     return target, weight
+
+
+def _needs_pseudo_masks(sample: Sample, cfg: TrainConfig) -> bool:
+    """Whether `sample` has a box-only label that ``box_mode="grabcut"`` turns into a pseudo-mask."""
+    return cfg.box_mode == "grabcut" and any(b and label not in sample.masks for label, b in sample.boxes.items())
+
+
+def _box_pseudo_targets(sample: Sample, photo: np.ndarray, out: int, cfg: TrainConfig) -> dict[str, Targets]:
+    """label -> (target, weight) float32 (out, out) of each box-only label of `sample`: GrabCut
+    pseudo-masks of the square-resized photo (:func:`explainers.box_masks.box_pseudo_mask`)."""
+    from explainers.box_masks import box_pseudo_mask
+
+    found = {}
+    for label, boxes in sample.boxes.items():
+        if not boxes or label in sample.masks:
+            continue
+        mask, weight = box_pseudo_mask(photo, boxes, (out, out), work_side=cfg.grabcut_side,
+                                       inside_weight=cfg.grabcut_weight, band=cfg.grabcut_band,
+                                       fallback_weight=cfg.box_weight, seed=cfg.seed)
+        found[label] = (mask.astype(np.float32), weight.astype(np.float32))
+    return found
+
+
+class _PseudoMasks:
+    """GrabCut pseudo-targets of the training samples that need them, computed when the feature
+    cache loads their photos (``on_photo``) or, for photos whose features were cached earlier,
+    by loading them once more (:meth:`complete`)."""
+
+    def __init__(self, samples: Sequence[Sample], out: int, cfg: TrainConfig):
+        self.out, self.cfg = out, cfg
+        self.by_key: dict[str, list[Sample]] = {}
+        for s in samples:
+            if _needs_pseudo_masks(s, cfg):
+                self.by_key.setdefault(s.cache_key, []).append(s)
+        self.targets: dict[int, dict[str, Targets]] = {}     # id(sample) -> label -> (target, weight)
+        self.seconds = 0.0
+
+    def on_photo(self, key: str, photo: np.ndarray) -> None:
+        t = time.perf_counter()
+        for s in self.by_key.get(key, []):
+            self.targets[id(s)] = _box_pseudo_targets(s, photo, self.out, self.cfg)
+        self.seconds += time.perf_counter() - t
+
+    def complete(self, samples: Sequence[Sample]) -> None:
+        """Pseudo-targets of `samples` not done yet (their photo is loaded again; one that fails
+        to load keeps the filled boxes)."""
+        for s in samples:
+            if id(s) in self.targets or s.cache_key not in self.by_key:
+                continue
+            try:
+                photo = s.photo()
+            except Exception:  # noqa: BLE001 - its features loaded earlier; the filled box still supervises
+                continue
+            t = time.perf_counter()
+            self.targets[id(s)] = _box_pseudo_targets(s, photo, self.out, self.cfg)
+            self.seconds += time.perf_counter() - t
+
+    def get(self, sample: Sample) -> dict[str, Targets] | None:
+        return self.targets.get(id(sample))
 
 
 def _seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice_weight: float) -> torch.Tensor:
@@ -493,9 +588,14 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
     if cache.size != cfg.size or cache.flip != cfg.flip:
         raise ValueError("the feature cache was built with another size/flip than the config")
 
+    if cfg.box_mode not in ("grabcut", "box"):
+        raise ValueError(f"unknown box_mode {cfg.box_mode!r}; choose 'grabcut' or 'box'")
+    out = cfg.size // cfg.target_stride
+    pseudo = _PseudoMasks(train if train_seg_head else [], out, cfg)
+
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    train_entries = cache.get(train, skip_failed=True)
+    train_entries = cache.get(train, skip_failed=True, on_photo=pseudo.on_photo)
     val_entries = cache.get(val, skip_failed=True)
     skipped = {str(s.key): cache.failed.get(s.cache_key, "not loaded")
                for s, e in zip([*train, *val], [*train_entries, *val_entries]) if e is None}
@@ -503,7 +603,7 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
     val, val_entries = [s for s, e in zip(val, val_entries) if e is not None], [e for e in val_entries if e is not None]
     if not train:
         raise ValueError(f"no training photo could be loaded: {skipped}")
-    seconds["features"] = time.perf_counter() - t0
+    seconds["features"] = time.perf_counter() - t0 - pseudo.seconds
 
     classifier = None
     if train_classifier_head:
@@ -512,14 +612,17 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         views = train_entries[0]["pooled"].shape[0]
         y = _tag_matrix(train, labels).repeat_interleave(views, dim=0)
         classifier = train_classifier(pooled, y, labels, cfg)
+        classifier.negatives = [int(n) for n in (1 - _tag_matrix(train, labels)).sum(0).tolist()]  # photos without each label
         seconds["classifier"] = time.perf_counter() - t
 
     segmenter = None
     seg_train = [(e, s) for e, s in zip(train_entries, train) if s.has_regions]
     if train_seg_head and seg_train:
+        pseudo.complete(train)
+        if pseudo.by_key:
+            seconds["box_masks"] = pseudo.seconds
         t = time.perf_counter()
-        out = cfg.size // cfg.target_stride
-        pairs = [(e, _seg_targets(s, labels, out, cfg)) for e, s in zip(train_entries, train)]
+        pairs = [(e, _seg_targets(s, labels, out, cfg, pseudo.get(s))) for e, s in zip(train_entries, train)]
         pairs = [(e, tw) for e, tw in pairs if tw is not None]
         segmenter = train_segmenter([e for e, _ in pairs], [tw for _, tw in pairs], labels, features.channels, cfg)
         seconds["segmenter"] = time.perf_counter() - t

@@ -115,11 +115,12 @@ def test_validation_scores_and_counts(backbone, horses):
 
 
 def test_box_supervision_pushes_background_out_of_the_box(backbone, horses):
-    """Box-only training: the prediction stays inside the boxes (outside is certain background)."""
+    """Box-only training with filled boxes (``box_mode="box"``): the prediction stays inside the boxes
+    (outside is certain background). GrabCut pseudo-masks: tests/test_box_masks.py."""
     samples = []
     for s, img, m in horses[:8]:
         samples.append(Sample(s, ["horse"], boxes={"horse": [mask_to_box(m)]}, image=img))
-    r = train_heads(backbone, samples, ["horse"], TrainConfig(size=160, seg_epochs=15, seed=0),
+    r = train_heads(backbone, samples, ["horse"], TrainConfig(size=160, seg_epochs=15, seed=0, box_mode="box"),
                     train_classifier_head=False, validation=[])
     heads = ProjectHeads(backbone, None, r.segmenter, r.layers, r.size)
     inside = outside = 0.0

@@ -212,6 +212,10 @@ def test_tick_trains_once_and_a_regressing_version_is_not_promoted(settings, hor
     assert meta["counts"]["train"] + meta["counts"]["val"] == 12
     good_iou = meta["validation"]["fg_iou"]
     assert good_iou > 0.6, meta["validation"]
+    fusion = meta["validation"]["fusion"]          # the fusion weight chosen on the validation masks
+    assert fusion["n_masks"] == meta["validation"]["n_val_masks"] and len(fusion["scores"]) == 6
+    assert (fusion["chosen"] is None) == (fusion["n_masks"] < fusion["min_masks"])
+    assert report["fusion_weight"] == fusion["chosen"] == registry.load(project)[0].get("fusion_weight")
     assert current_model_version(project, settings).endswith(f"+p{project}.v1")
 
     # nothing changed since v1: the tick waits, the job id of that revision is never enqueued again
@@ -220,6 +224,7 @@ def test_tick_trains_once_and_a_regressing_version_is_not_promoted(settings, hor
 
     # the served heads segment a held-out horse
     heads = load_project_heads(registry, project, shared_backbone)
+    assert heads.fusion_weight == fusion["chosen"]
     from explainers.imageio import load_image
 
     stem = horse_stems("test")[0]
