@@ -27,7 +27,8 @@ inference lock) and reports ``<base>+p<project>.vN``. The seg head is fused befo
 tags it knows. The classifier head makes the project's own labels usable: a label ImageNet cannot
 name ("Pony photo") that the head was trained on gets its score (to be chosen as a tag) and its
 CAM (so its brush, polygon and box results) from the head (:mod:`explainers.segment.head_cam`);
-labels ImageNet names keep the ImageNet classifier (``fusion.head_cam`` of the preset). The heads
+labels ImageNet names take the head too when it was trained on photos without them (it learnt where
+they are absent), else keep the ImageNet classifier (``fusion.head_cam`` of the preset). The heads
 come from one :class:`backend.training_jobs.ProjectHeadsCache` per process (``TAG2MASK_HEADS_TTL``
 seconds, default 30), reading the registry in ``MODEL_DIR``, or the Redis mirror
 (:class:`backend.training_jobs.RedisModelStore`) for projects that registry lacks when

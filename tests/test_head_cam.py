@@ -102,7 +102,7 @@ def test_a_label_imagenet_lacks_gets_a_mask_from_tags_only(backbone, pony_heads,
 
     engine = Tag2Mask(backbone, PipelineConfig.preset("balanced"), heads=pony_heads)
     assert engine.can_segment("pony-photo") and engine.can_segment("horse") and not engine.can_segment("giraffe")
-    assert engine._head_tags(["horse", "pony-photo"]) == ["pony-photo"]      # default "unknown": ImageNet keeps horse
+    assert engine._head_tags(["horse", "pony-photo"]) == ["pony-photo"]      # the head lacks "horse": ImageNet keeps it
     test = [_horse(horse_dir, s) for s in _spread(horse_stems("test"), 6)]
     score, whole = SegmentationScore(), SegmentationScore()
     for img, gt in test:
@@ -195,3 +195,36 @@ def test_backend_predicts_a_label_only_the_projects_head_knows(backbone, horse_d
     # without the project's heads, "Pony photo" is unusable: the annotated task fails, with the reason
     (failed,) = plain.predict([human])
     assert "result" not in failed and "Pony photo" in failed["error"]
+
+
+def test_auto_takes_the_head_for_a_known_label_only_when_it_learnt_where_it_is_absent(backbone, horse_dir):
+    """"auto" (the default): a head trained on "horse" photos and 8 photos without horses gives
+    horse's CAM and score; one trained on horses alone (never absent) leaves "horse" to ImageNet."""
+    with_negatives = train_heads(backbone, _tag_samples(horse_dir, "horse", "other-scene"), ["horse", "other-scene"],
+                                 TrainConfig(size=224, seed=0, clf_epochs=100), train_seg_head=False, validation=[])
+    assert with_negatives.classifier.negatives == [8, 12]
+    heads = ProjectHeads.from_checkpoint(with_negatives.checkpoint(), backbone)   # the counts survive a checkpoint
+    assert heads.classifier.negatives == [8, 12]
+    horses_only = [s for s in _tag_samples(horse_dir, "horse", "other-scene") if s.tags == ["horse"]]
+    alone = train_heads(backbone, horses_only, ["horse"], TrainConfig(size=224, seed=0, clf_epochs=100),
+                        train_seg_head=False, validation=[])
+    assert alone.classifier.negatives == [0]
+    alone_heads = ProjectHeads.from_checkpoint(alone.checkpoint(), backbone)
+
+    auto = Tag2Mask(backbone, PipelineConfig.preset("balanced"), heads=heads)
+    assert PipelineConfig.preset("balanced").fusion.head_cam == "auto"
+    assert auto._head_tags(["horse", "cat"]) == ["horse"]
+    assert Tag2Mask(backbone, PipelineConfig.preset("balanced"), heads=alone_heads)._head_tags(["horse"]) == []
+    strict = PipelineConfig.preset("balanced").replace(**{"fusion.head_min_negatives": 9})
+    assert Tag2Mask(backbone, strict, heads=heads)._head_tags(["horse"]) == []          # 8 < 9
+    unknown = PipelineConfig.preset("balanced").replace(**{"fusion.head_cam": "unknown"})
+    assert Tag2Mask(backbone, unknown, heads=heads)._head_tags(["horse"]) == []
+
+    cat = _rgb(data.chelsea())
+    head_scores = auto.tag_scores(cat, ["horse", "cat"])
+    assert head_scores["horse"] < 0.5 and head_scores["cat"] > 0.5      # the head learnt "not a horse"
+    img, gt = _horse(horse_dir, horse_stems("test")[3])
+    (tag,) = auto.predict(img, ["horse"]).tags
+    assert tag.score == pytest.approx(auto.tag_scores(img, ["horse"])["horse"], abs=0.05) and tag.score > 0.5
+    inter = np.logical_and(tag.mask, gt).sum() / np.logical_or(tag.mask, gt).sum()
+    assert inter > 0.4, inter

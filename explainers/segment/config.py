@@ -79,19 +79,22 @@ class FusionConfig:
     """How a project's trained heads (``Tag2Mask(heads=...)``) enter the pipeline.
 
     The seg head's probabilities are blended into the CRF's unary for the tags it knows (tags it
-    lacks keep the CAM alone). ``head_cam`` says which tags take their CAM from the classifier head
-    (:mod:`explainers.segment.head_cam`) instead of the backbone's ImageNet classifier:
-    "unknown" = the tags ImageNet cannot name that the head knows; "always" = every tag the head
-    knows; "off" = none (a tag ImageNet cannot name then fails as without heads).
+    lacks keep the CAM alone). ``head_cam`` says which tags take their CAM (and score) from the
+    classifier head (:mod:`explainers.segment.head_cam`) instead of the backbone's ImageNet classifier:
+    "unknown" = the tags ImageNet cannot name that the head knows; "auto" = those, plus the head's
+    labels it was trained on at least ``head_min_negatives`` photos without (it learnt where they are
+    absent); "always" = every tag the head knows; "off" = none (a tag ImageNet cannot name then
+    fails as without heads).
     """
     enabled: bool = True
     seg_weight: float = 0.7      # 0 = CAM only, 1 = seg head only (for the tags it knows)
     mode: str = "linear"         # "linear": (1-w) p_cam + w p_seg; "log": p_cam^(1-w) p_seg^w, renormalised
     flip: bool = True            # average the seg head over the photo and its mirror image
-    head_cam: str = "unknown"    # "unknown" | "always" | "off" (see above). benchmarks/head_cam.py, 49 test
-    #                              horses: a head trained on 10-50 tagged horses + 12 other photos gives fg IoU
-    #                              0.78-0.79 vs 0.731 for ImageNet's "horse", but one trained on horses alone
-    #                              (the label never absent) 0.37: "always" only for projects with such negatives
+    head_cam: str = "auto"       # "auto" | "unknown" | "always" | "off" (see above). benchmarks/head_cam.py,
+    #                              49 test horses: a head trained on 10-50 tagged horses + 12 other photos gives
+    #                              fg IoU 0.78-0.79 vs 0.731 for ImageNet's "horse", but one trained on horses
+    #                              alone (the label never absent) 0.37: "auto" takes the head only in the first case
+    head_min_negatives: int = 5  # "auto": photos without the label the head must have been trained on
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Stages (each a small function or class in this package, chosen by :class:`PipelineConfig`):
 
 1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes. With
-   trained heads, the project's own labels (those ImageNet cannot name, per ``fusion.head_cam``)
-   get theirs from its classifier head instead (:mod:`head_cam`), so they get masks too.
+   trained heads, the project's own labels (those ImageNet cannot name, and those the head learnt
+   against photos without them; ``fusion.head_cam``) get theirs from its classifier head instead
+   (:mod:`head_cam`), so labels ImageNet lacks get masks too.
 2. Background (:mod:`background`): background + per-tag probabilities from the CAMs.
 2b. Fusion (optional, :func:`fuse_seg`): with trained heads (``Tag2Mask(heads=...)`` or
    ``set_heads``), the seg head's probabilities are blended into those of the tags it knows.
@@ -110,7 +111,8 @@ class Tag2Mask:
 
         Their seg head's probabilities are fused with the CAM-derived ones (``config.fusion``) for
         the tags it was trained on; other tags keep the CAM alone. Their classifier head gives the
-        CAMs and scores of the tags of :meth:`_head_tags` (labels ImageNet cannot name, by default).
+        CAMs and scores of the tags of :meth:`_head_tags` (by default: labels ImageNet cannot name, and
+        labels the head was trained on photos without).
         The heads must sit on this engine's backbone (same name).
         """
         if heads is not None:
@@ -168,16 +170,27 @@ class Tag2Mask:
         return bool(self._head_tags([tag])) or self.knows_tag(tag)
 
     def _head_tags(self, tags: Sequence[str]) -> list[str]:
-        """The tags whose CAM comes from the project's classifier head (:class:`HeadCAM`) instead of
-        the backbone's classifier, per ``config.fusion.head_cam``: "unknown" = the head's labels the
-        backbone cannot name, "always" = all the head's labels, "off" = none (none without heads)."""
-        mode = self.config.fusion.head_cam
-        if mode not in ("unknown", "always", "off"):
-            raise ValueError(f"unknown fusion.head_cam {mode!r}; choose 'unknown', 'always' or 'off'")
+        """The tags whose CAM and score come from the project's classifier head (:class:`HeadCAM`)
+        instead of the backbone's classifier, per ``config.fusion.head_cam`` (none without heads):
+        "unknown" = the head's labels the backbone cannot name; "auto" = those and the head's labels
+        trained against at least ``fusion.head_min_negatives`` photos without them; "always" = all
+        the head's labels; "off" = none."""
+        fcfg = self.config.fusion
+        mode = fcfg.head_cam
+        if mode not in ("auto", "unknown", "always", "off"):
+            raise ValueError(f"unknown fusion.head_cam {mode!r}; choose 'auto', 'unknown', 'always' or 'off'")
         known = set(self.head_labels())
         if mode == "off" or not known:
             return []
-        return [t for t in tags if t in known and (mode == "always" or not self.knows_tag(t))]
+        classifier = self.heads.classifier
+
+        def use_head(tag: str) -> bool:
+            if mode == "always":
+                return True
+            if mode == "auto" and classifier.knows_absence(tag, fcfg.head_min_negatives):
+                return True
+            return not self.knows_tag(tag)
+        return [t for t in tags if t in known and use_head(t)]
 
     def _cam_output(self, image: np.ndarray, tags: Sequence[str]):
         """Stage 1 for one photo: the CAM maps and tag probabilities of `tags`, in order
@@ -346,12 +359,12 @@ class Tag2Mask:
 
         The tags of :meth:`_head_tags` get the project's classifier head's sigmoid probability (the
         score their masks get too); the others the probability mass of their ImageNet class set.
-        With the default ``fusion.head_cam = "unknown"`` the head scores only the labels ImageNet
-        cannot name, because the head learns that a label is absent only from the project's photos
-        without it: a project whose examples all carry the label (every photo tagged "horse") trains
-        a head that says yes to anything (12 horse-only photos: "horse" 0.99 on skimage's cat),
-        whereas ImageNet's softmax never degenerates so. ``"always"`` scores every label the head
-        knows with the head (better for projects whose examples include photos without the label).
+        With the default ``fusion.head_cam = "auto"`` the head scores the labels ImageNet cannot name
+        and those it was trained against photos without them, because a head learns that a label is
+        absent only from such photos: a project whose examples all carry the label (every photo
+        tagged "horse") trains a head that says yes to anything (12 horse-only photos: "horse" 0.99
+        on skimage's cat), whereas ImageNet's softmax never degenerates so; there ImageNet keeps
+        the label. ``"always"`` scores every label the head knows with the head.
         """
         image = check_image(image_rgb)
         h, w = image.shape[:2]
