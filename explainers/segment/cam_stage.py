@@ -100,10 +100,10 @@ class CAMStage:
                 features = rec[self.affinity_layer][:1].detach()
             else:
                 res = self.method.compute(x, [targets] * x.shape[0], output_size=work, normalize=False)
-            maps = self._fold(res.maps)
+            maps = fold_passes(res.maps, self.cfg.flip)
             total = maps if total is None else total + maps
             probs.append(_tag_probs(res.logits, targets))
-        return self._finish(total, probs, features, work)
+        return finish_maps(total, probs, features, work, self.cfg)
 
     def many(self, images: Sequence[np.ndarray], class_sets_per_image: Sequence[Sequence[Sequence[int]]],
              max_batch: int = 8) -> list[CAMOutput]:
@@ -134,7 +134,7 @@ class CAMStage:
                     probs[i].append(p)
                     if record:
                         features[i] = feats
-        return [self._finish(t, p, f, work) for t, p, f, work in zip(totals, probs, features, works)]
+        return [finish_maps(t, p, f, work, self.cfg) for t, p, f, work in zip(totals, probs, features, works)]
 
     def _groups(self, images: Sequence[np.ndarray], works: Sequence[tuple[int, int]], scale: float,
                 max_batch: int) -> Iterator[tuple[tuple[int, int], list[int]]]:
@@ -173,7 +173,7 @@ class CAMStage:
             if not fused:
                 maps = F.interpolate(maps, size=works[i], mode="bilinear", align_corners=False)
             feats = rec[self.affinity_layer][j:j + 1].detach().clone() if record else None
-            yield i, self._fold(maps), _tag_probs(res.logits[j::n], targets[i]), feats
+            yield i, fold_passes(maps, self.cfg.flip), _tag_probs(res.logits[j::n], targets[i]), feats
 
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the target layer's output for a pass of `size` (cached per size): a probe forward
@@ -194,24 +194,25 @@ class CAMStage:
                 raise RuntimeError(f"layer {self.method.target_layers[0]!r} did not run in a forward pass")
         return self._grids[size]
 
-    def _fold(self, maps: torch.Tensor) -> torch.Tensor:
-        """(1 or 2, K, h, w) maps of one photo (and its mirror image) -> (K, h, w): the mirror's maps
-        flipped back, each map scaled to a max of 1, summed."""
-        if self.cfg.flip:
-            maps = torch.stack([maps[0], maps[1].flip(-1)])
-        peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
-        return (maps / peak).sum(dim=0)
+def fold_passes(maps: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(1 or 2, K, h, w) maps of one pass of a photo (and, when `flip`, its mirror image) -> (K, h, w):
+    the mirror's maps flipped back, each map scaled to a max of 1, summed."""
+    if flip:
+        maps = torch.stack([maps[0], maps[1].flip(-1)])
+    peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
+    return (maps / peak).sum(dim=0)
 
-    def _finish(self, total: torch.Tensor, probs: list[torch.Tensor], features: torch.Tensor | None,
-                work: tuple[int, int]) -> CAMOutput:
-        """The summed maps of all passes scaled to a max of 1 per tag, propagated (with the clutter
-        guard) when affinity features were recorded; the tag probabilities averaged over passes."""
-        peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
-        maps = total / peak
-        if features is not None:
-            walked = propagate(maps, features, self.cfg.affinity_beta, self.cfg.affinity_steps)
-            maps = guard_cover(maps, walked, self.cfg.cover_limit, self.cfg.cover_fallback)
-        return CAMOutput(maps=maps, probs=torch.stack(probs).mean(0), work_size=work)
+
+def finish_maps(total: torch.Tensor, probs: Sequence[torch.Tensor], features: torch.Tensor | None,
+                work: tuple[int, int], cfg: CAMConfig) -> CAMOutput:
+    """The summed maps of all passes scaled to a max of 1 per tag, propagated (with the clutter
+    guard) when affinity features were recorded; the tag probabilities averaged over passes."""
+    peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
+    maps = total / peak
+    if features is not None:
+        walked = propagate(maps, features, cfg.affinity_beta, cfg.affinity_steps)
+        maps = guard_cover(maps, walked, cfg.cover_limit, cfg.cover_fallback)
+    return CAMOutput(maps=maps, probs=torch.stack(list(probs)).mean(0), work_size=work)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from explainers.backbones import Backbone
 from explainers.errors import UnknownTagError
 from explainers.heads import ClassifierHead
 from explainers.hooks import LayerRecorder, get_layer
-from explainers.segment.cam_stage import CAMOutput, guard_cover, pass_size, propagate, working_size
+from explainers.segment.cam_stage import CAMOutput, finish_maps, fold_passes, pass_size, working_size
 from explainers.segment.config import CAMConfig
 
 __all__ = ["HeadCAM", "merge_cam_outputs"]
@@ -102,19 +102,11 @@ class HeadCAM:
             raw, logits, rec = self.layer_maps(x, labels, record)
             if record:   # features of the largest pass (unflipped photo), as the CAM stage takes them
                 features = rec[self.affinity_layer][:1]
-            maps = F.interpolate(F.relu(raw), size=work, mode="bilinear", align_corners=False)
-            if self.cfg.flip:
-                maps = torch.stack([maps[0], maps[1].flip(-1)])
-            peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
-            maps = (maps / peak).sum(dim=0)
+            maps = fold_passes(F.interpolate(F.relu(raw), size=work, mode="bilinear", align_corners=False),
+                               self.cfg.flip)
             total = maps if total is None else total + maps
             probs.append(logits.sigmoid().mean(0))
-        peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
-        maps = total / peak
-        if features is not None:
-            walked = propagate(maps, features, self.cfg.affinity_beta, self.cfg.affinity_steps)
-            maps = guard_cover(maps, walked, self.cfg.cover_limit, self.cfg.cover_fallback)
-        return CAMOutput(maps=maps, probs=torch.stack(probs).mean(0), work_size=work)
+        return finish_maps(total, probs, features, work, self.cfg)
 
 
 def merge_cam_outputs(tags: Sequence[str], parts: Sequence[tuple[Sequence[str], CAMOutput]]) -> CAMOutput:
