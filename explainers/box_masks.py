@@ -22,7 +22,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["box_pseudo_mask", "boxes_from_mask"]
+__all__ = ["box_pseudo_mask", "boxes_from_mask", "fill_boxes"]
 
 
 def _work_size(h: int, w: int, work_side: int) -> tuple[int, int]:
@@ -38,6 +38,16 @@ def _box_cells(box: Sequence[float], scale_y: float, scale_x: float,
     c0, c1 = max(0, int(math.floor(x0 * scale_x))), min(w, int(math.ceil(x1 * scale_x)))
     r0, r1 = max(0, int(math.floor(y0 * scale_y))), min(h, int(math.ceil(y1 * scale_y)))
     return r0, r1, c0, c1
+
+
+def fill_boxes(boxes: Sequence[Sequence[float]], photo_shape: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Bool (H, W) = `shape`: True inside any of `boxes` (pixels of a photo of `photo_shape`, x1/y1
+    exclusive), the boxes scaled to `shape` with outward rounding (a box never loses a cell)."""
+    h, w = photo_shape
+    inside = np.zeros(shape, bool)
+    for r0, r1, c0, c1 in (_box_cells(b, shape[0] / h, shape[1] / w, shape) for b in boxes):
+        inside[r0:r1, c0:c1] = True
+    return inside
 
 
 def box_pseudo_mask(image: np.ndarray, boxes: Sequence[Sequence[float]], size: tuple[int, int] | None = None, *,
@@ -65,9 +75,7 @@ def box_pseudo_mask(image: np.ndarray, boxes: Sequence[Sequence[float]], size: t
     cells = [_box_cells(b, wh / h, ww / w, (wh, ww)) for b in boxes]
     cells = [c for c in cells if c[1] > c[0] and c[3] > c[2]]
 
-    inside = np.zeros((wh, ww), bool)
-    for r0, r1, c0, c1 in cells:
-        inside[r0:r1, c0:c1] = True
+    inside = fill_boxes(boxes, (h, w), (wh, ww))
     mask = inside.copy()
     weight = np.where(inside, fallback_weight, 1.0).astype(np.float32)
     if cells and (~inside).sum() >= 0.01 * inside.size:
@@ -79,9 +87,7 @@ def box_pseudo_mask(image: np.ndarray, boxes: Sequence[Sequence[float]], size: t
         interp = cv2.INTER_AREA if shrink else cv2.INTER_NEAREST
         mask = cv2.resize(mask.astype(np.float32), (out_w, out_h), interpolation=interp) >= 0.5
         weight = cv2.resize(weight, (out_w, out_h), interpolation=interp)
-        outside = np.ones((out_h, out_w), bool)             # resizing must not leak out of the boxes
-        for r0, r1, c0, c1 in (_box_cells(b, out_h / h, out_w / w, (out_h, out_w)) for b in boxes):
-            outside[r0:r1, c0:c1] = False
+        outside = ~fill_boxes(boxes, (h, w), (out_h, out_w))   # resizing must not leak out of the boxes
         mask &= ~outside
         weight[outside] = 1.0
     return mask, weight

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from explainers.backbones import Backbone
+from explainers.box_masks import fill_boxes
 from explainers.device import pick_device
 from explainers.heads import BackboneFeatures, ClassifierHead, SegHead
 
@@ -337,12 +338,7 @@ def _seg_targets(sample: Sample, labels: Sequence[str], out: int, cfg: TrainConf
         elif boxes:
             if shape is None:
                 shape = sample.photo().shape[:2]
-            h, w = shape
-            inside = np.zeros((out, out), bool)
-            for x0, y0, x1, y1 in boxes:
-                c0, c1 = int(math.floor(x0 / w * out)), int(math.ceil(x1 / w * out))
-                r0, r1 = int(math.floor(y0 / h * out)), int(math.ceil(y1 / h * out))
-                inside[max(0, r0):max(0, r1), max(0, c0):max(0, c1)] = True
+            inside = fill_boxes(boxes, shape, (out, out))
             target[k] = inside
             weight[k] = np.where(inside, cfg.box_weight, 1.0)
         elif label not in tags and cfg.negatives_from_tags:
