@@ -19,7 +19,8 @@ Public API::
     reg.projects() -> [str]
 
 Promotion rule: a version is promoted when there is no current one, or when none of the validation
-metrics it shares with the current one (``PROMOTION_METRICS``: map, f1, fg_iou; higher is better)
+metrics it shares with the current one (``PROMOTION_METRICS``: map, f1, fg_iou of the seg head alone,
+pipeline_fg_iou of the served pipeline -- CAM + seg head fused at the version's weight + CRF; higher is better)
 drops by more than ``tolerance``, and it does not lose a metric the current one has (e.g. a seg head).
 ``force=True`` promotes anyway (recorded in the log). Scores of two versions are computed on their own
 validation splits; the split is a stable hash of example ids, so most of it is shared.
@@ -46,7 +47,7 @@ import torch
 
 __all__ = ["ModelRegistry", "Promotion", "RegistryError", "PROMOTION_METRICS", "compare_validation"]
 
-PROMOTION_METRICS = ("map", "f1", "fg_iou")
+PROMOTION_METRICS = ("map", "f1", "fg_iou", "pipeline_fg_iou")
 _VERSION = re.compile(r"^v(\d+)$")
 
 

@@ -576,6 +576,13 @@ def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -
     if result.fusion_weight is None and fallback is not None:
         result.fusion_weight = fallback
         meta = {**(meta or {}), "chosen": fallback, "rule": "seg head trained on boxes only"}
+    if val and choice.scores:
+        # what will be served: the pipeline at the weight the heads carry (else the preset's); the
+        # registry compares this score between versions before promoting (PROMOTION_METRICS)
+        served = result.fusion_weight if result.fusion_weight is not None else engine.fusion_weight()
+        if float(served) in choice.scores:
+            result.validation["pipeline_fg_iou"] = choice.scores[float(served)]
+            meta["served_weight"] = float(served)
     return meta
 
 

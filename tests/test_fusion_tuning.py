@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import horse_stems
-from backend.registry import ModelRegistry
+from backend.registry import PROMOTION_METRICS, ModelRegistry, compare_validation
 from backend.training_jobs import train_and_register
 from explainers.imageio import load_image
 from explainers.segment import PipelineConfig, Tag2Mask
@@ -48,6 +48,11 @@ def test_the_chosen_weight_is_the_best_of_the_grid_and_is_stored(trained, backbo
     chosen = report["fusion_weight"]
     assert chosen in WEIGHTS and chosen == fusion["chosen"] == _pick(scores, 1e-3)
     assert "fusion_tuning" in report["seconds"]
+    # the served pipeline's score is what promotion compares between versions
+    assert fusion["served_weight"] == chosen and report["validation"]["pipeline_fg_iou"] == scores[chosen]
+    assert "pipeline_fg_iou" in PROMOTION_METRICS
+    worse = dict(report["validation"], pipeline_fg_iou=report["validation"]["pipeline_fg_iou"] - 0.05)
+    assert [r["metric"] for r in compare_validation(worse, report["validation"])] == ["pipeline_fg_iou"]
 
     # meta and checkpoint carry it; the served heads and the engine use it
     ckpt, meta = registry.load("horses")
