@@ -16,6 +16,7 @@ Stages (each a small function or class in this package, chosen by :class:`Pipeli
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Sequence
 
 import cv2
@@ -330,7 +331,10 @@ class Tag2Mask:
             cams = self.cam_stage.many([p[0] for p in ready.values()], [p[2] for p in ready.values()], max_batch)
             if cams[0].maps.is_cuda:
                 torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001 - e.g. out of device memory: the one-by-one path still works
+        except Exception as exc:  # noqa: BLE001 - e.g. out of device memory: the one-by-one path still works
+            warnings.warn(f"batched CAM pass of {len(ready)} photos failed ({type(exc).__name__}: {exc}); "
+                          "they go one by one (lower batch_size if the device ran out of memory)",
+                          RuntimeWarning, stacklevel=3)
             return {}, 0.0
         seconds = (time.perf_counter() - t0) / len(ready)
         return {j: (p[0], p[1], cam) for (j, p), cam in zip(ready.items(), cams)}, seconds
