@@ -22,7 +22,6 @@ extraction + classifier training from scratch on this machine (or the device giv
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -30,39 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from skimage import color, data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.horses import HORSE_DIR, load, spread, stems  # noqa: E402
 from explainers.backbones import load_backbone  # noqa: E402
 from explainers.device import set_cpu_threads  # noqa: E402
 from explainers.heads import BackboneFeatures  # noqa: E402
-from explainers.imageio import load_image  # noqa: E402
 from explainers.metrics import SegmentationScore  # noqa: E402
 from explainers.segment import PipelineConfig, Tag2Mask  # noqa: E402
 from explainers.training import FeatureCache, ProjectHeads, Sample, TrainConfig, train_heads  # noqa: E402
 
-HORSE_DIR = Path(os.environ.get("TAG2MASK_HORSE_DIR",
-                                Path(__file__).resolve().parents[2] / "shared/data/weizmann_horse"))
 NEGATIVES = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "brick",
              "text", "chelsea", "stereo_motorcycle", "coins", "clock")
-
-
-def stems(split: str) -> list[str]:
-    return (HORSE_DIR / f"split_{split}.txt").read_text().split()
-
-
-def load(stem: str) -> tuple[np.ndarray, np.ndarray]:
-    img = load_image(HORSE_DIR / "images" / f"{stem}.jpg")
-    return img, np.asarray(Image.open(HORSE_DIR / "masks" / f"{stem}.png")) > 0
-
-
-def spread(names: list[str], limit: int | None) -> list[str]:
-    if not limit or limit >= len(names):
-        return names
-    step = len(names) / limit
-    return [names[int(i * step)] for i in range(limit)]
 
 
 def skimage_photo(name: str) -> np.ndarray:

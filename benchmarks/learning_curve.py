@@ -34,7 +34,6 @@ the weight choice), on this machine's CPU (or the device given), excluding the t
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -43,40 +42,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.horses import HORSE_DIR, load, spread, stems  # noqa: E402
 from explainers.backbones import load_backbone  # noqa: E402
 from explainers.box_masks import boxes_from_mask  # noqa: E402
 from explainers.device import set_cpu_threads  # noqa: E402
 from explainers.heads import BackboneFeatures  # noqa: E402
-from explainers.imageio import load_image  # noqa: E402
 from explainers.metrics import SegmentationScore  # noqa: E402
 from explainers.segment import PipelineConfig, Tag2Mask  # noqa: E402
 from explainers.segment.fusion_tuning import (  # noqa: E402
     WEIGHTS, choose_fusion_weight, fallback_weight, masks_per_weight)
 from explainers.training import FeatureCache, ProjectHeads, Sample, TrainConfig, train_heads  # noqa: E402
 
-HORSE_DIR = Path(os.environ.get("TAG2MASK_HORSE_DIR",
-                                Path(__file__).resolve().parents[2] / "shared/data/weizmann_horse"))
 TAGS = ["horse"]
-
-
-def stems(split: str) -> list[str]:
-    return (HORSE_DIR / f"split_{split}.txt").read_text().split()
-
-
-def load(stem: str) -> tuple[np.ndarray, np.ndarray]:
-    img = load_image(HORSE_DIR / "images" / f"{stem}.jpg")
-    return img, np.asarray(Image.open(HORSE_DIR / "masks" / f"{stem}.png")) > 0
-
-
-def spread(names: list[str], limit: int | None) -> list[str]:
-    if not limit or limit >= len(names):
-        return names
-    step = len(names) / limit
-    return [names[int(i * step)] for i in range(limit)]
 
 
 def crf_mask(img: np.ndarray, fg: np.ndarray, crf_cfg, work_side: int) -> np.ndarray:

@@ -19,6 +19,30 @@ def horse_stems(split: str = "test") -> list[str]:
     return (HORSE_DIR / f"split_{split}.txt").read_text().split()
 
 
+def spread_names(names: list[str], n: int) -> list[str]:
+    """`n` names evenly spread over `names`."""
+    step = len(names) / n
+    return [names[int(i * step)] for i in range(n)]
+
+
+def horse_and_mask(horse_dir: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8 photo, bool ground-truth mask) of one Weizmann horse."""
+    from PIL import Image
+
+    from explainers.imageio import load_image
+
+    return (load_image(horse_dir / "images" / f"{stem}.jpg"),
+            np.asarray(Image.open(horse_dir / "masks" / f"{stem}.png")) > 0)
+
+
+def rgb_uint8(x) -> np.ndarray:
+    """An skimage.data image (gray, float or RGB; first item of a tuple) as RGB uint8."""
+    from skimage import color
+
+    x = x[0] if isinstance(x, tuple) else x
+    return x if x.ndim == 3 else (color.gray2rgb(x) if x.dtype == np.uint8 else (color.gray2rgb(x) * 255).astype(np.uint8))
+
+
 @pytest.fixture(scope="session")
 def horse_dir() -> Path:
     if not (HORSE_DIR / "images").is_dir():

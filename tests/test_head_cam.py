@@ -7,36 +7,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import color, data
+from skimage import data
 
 from explainers.errors import UnknownTagError
 from explainers.heads import BackboneFeatures, ClassifierHead
-from explainers.imageio import load_image
 from explainers.metrics import SegmentationScore
 from explainers.segment import PipelineConfig, Tag2Mask
 from explainers.segment.cam_stage import pass_size
 from explainers.segment.head_cam import HeadCAM
 from explainers.training import ProjectHeads, Sample, TrainConfig, train_heads
+from tests.conftest import horse_and_mask as _horse
 from tests.conftest import horse_stems
+from tests.conftest import rgb_uint8 as _rgb
+from tests.conftest import spread_names as _spread
 
 OTHERS = [data.astronaut, data.coffee, data.rocket, data.hubble_deep_field, data.immunohistochemistry,
           data.camera, data.brick, data.text]
-
-
-def _rgb(x):
-    x = x[0] if isinstance(x, tuple) else x
-    return x if x.ndim == 3 else (color.gray2rgb(x) if x.dtype == np.uint8 else (color.gray2rgb(x) * 255).astype(np.uint8))
-
-
-def _horse(horse_dir, stem):
-    return (load_image(horse_dir / "images" / f"{stem}.jpg"),
-            np.asarray(Image.open(horse_dir / "masks" / f"{stem}.png")) > 0)
-
-
-def _spread(names, n):
-    step = len(names) / n
-    return [names[int(i * step)] for i in range(n)]
 
 
 def _tag_samples(horse_dir, horse_label: str, other_label: str) -> list[Sample]:
