@@ -143,7 +143,6 @@ class Tag2Mask:
         h, w = image.shape[:2]
         if not tags:
             return PhotoResult(width=w, height=h, tags=[]), None
-        cfg = self.config
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         cam = self._cam_output(image, tags)
