@@ -5,33 +5,59 @@ Public API::
     fetcher = ImageFetcher(settings)                       # backend.settings.Settings
     data = fetcher.fetch_bytes(url, task_id=None, ls_url=None, api_key=None)   # -> bytes
     image = fetcher.load(url, task_id=None, ls_url=None, api_key=None)         # -> (H, W, 3) uint8
-    # every failure: ImageFetchError (message safe to show: no token, no query string)
+    # every failure: ImageFetchError, a sentence safe to show: no token, no query string (but
+    # local-files' ``d=``), URLs and paths cut to 200 characters, control characters escaped
 
 URL kinds (what Label Studio puts in ``task["data"]["image"]``):
 
 - ``/data/local-files/?d=<path>``: read from disk when TAG2MASK_LOCAL_ROOTS is set (``<path>`` is taken
   relative to each root, or as an absolute path inside one; ``..`` parts and symlinks leading out of
-  the roots are refused); otherwise fetched from Label Studio with ``Authorization: Token <key>``.
+  the roots are refused; only regular files are read); otherwise fetched from Label Studio with
+  ``Authorization: Token <key>``.
 - ``/data/upload/...`` (and ``upload/...``): fetched from Label Studio with the token.
 - ``s3://``, ``gs://``, ``azure-blob://``: through Label Studio's presign endpoint
   ``/tasks/<task_id>/presign/?fileuri=<base64url>`` (the SDK's ``encode_presign_fileuri``), which
-  redirects to a signed URL.
+  redirects to a signed URL (on any host: the redirect targets are still checked for being well formed).
 - ``http(s)://host/...``: only from Label Studio's host or a host in TAG2MASK_ALLOWED_HOSTS (``*``:
-  any); the token is sent only to Label Studio's host; redirects are followed (at most 3) only to
-  allowed hosts.
+  any); redirects are followed (at most 3) only to allowed hosts.
 - a plain absolute path or ``file://`` URL: only inside TAG2MASK_LOCAL_ROOTS.
 
-Downloads are streamed and cut at TAG2MASK_MAX_IMAGE_BYTES; decoding is explainers.imageio.load_image
-(its pixel cap applies).
+What is checked is what is connected to: every http(s) URL (the task's, Label Studio's, each redirect
+``Location``) is parsed once with urllib3's parser, the one requests connects with, and the request
+is built from that parse (and re-checked after requests prepared it). URLs the parsers could read
+differently are refused before any connection: backslashes, control characters or white space,
+``user:pass@``, non-ASCII, percent-encoded or trailing-dot hosts, IPv4 hosts not written as
+``a.b.c.d``, an empty host, port 0 or over 65535, more than 65,536 characters, schemes other than
+http/https. The token is sent only when the
+connection's scheme, host and port (default ports by scheme) are Label Studio's (``localhost``
+matches ``127.0.0.1`` and ``[::1]``; those two do not match each other). No cookies are kept.
+
+Downloads are streamed and cut at TAG2MASK_MAX_IMAGE_BYTES (``Accept-Encoding: identity`` is asked;
+compressed bodies are counted decoded). TAG2MASK_FETCH_TIMEOUT is one deadline for one image, redirects
+included: it bounds the connect, each read of the response headers, and the whole body (a body dripped
+slowly is cut at the deadline). Decoding is explainers.imageio.load_image (its pixel cap applies).
 """
 from __future__ import annotations
 
+import errno
+import http.client
+import http.cookiejar
+import ipaddress
 import logging
+import os
+import re
+import socket
+import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlparse
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
+from requests.utils import requote_uri
+from urllib3.util import Url, parse_url
 
 from backend.settings import Settings
 from explainers.errors import ImageLoadError
@@ -43,32 +69,194 @@ log = logging.getLogger(__name__)
 
 _CLOUD_PREFIXES = ("s3:", "gs:", "azure-blob:")
 _MAX_REDIRECTS = 3
+_MAX_SHOWN = 200                 # characters of a URL or path echoed in a message
+_MAX_URL_CHARS = 64 * 1024       # longer http(s) URLs are refused unread
+_READ_CHUNK = 64 * 1024
+_LOCALHOST_PAIRS = ({"localhost", "127.0.0.1"}, {"localhost", "::1"})   # what localhost resolves to
+_DEFAULT_PORT = {"http": 80, "https": 443}
+_NAME_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+_IPV6_LITERAL = re.compile(r"\[[0-9a-f:.]+\]")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class ImageFetchError(Exception):
     """A task photo that cannot be read; the message names the photo but never a token or query."""
 
 
+# -- showing URLs and paths in messages ---------------------------------------------------------
+def _clip(text: str, limit: int = _MAX_SHOWN) -> str:
+    """`text` with control and other unprintable characters escaped, cut to `limit` characters."""
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return shown if len(text) <= limit and len(shown) <= limit else shown[: limit - 1] + "…"
+
+
 def safe_url(url: str) -> str:
-    """The URL without query string and credentials (for logs and error messages);
-    ``/data/local-files/?d=x`` keeps its ``d`` (a path, not a secret)."""
+    """The URL without query string and credentials, at most 200 characters, for logs and error
+    messages; ``/data/local-files/?d=x`` keeps its ``d`` (a path, not a secret). An http(s) URL is
+    shown with the host its request would really go to."""
+    if not isinstance(url, str):
+        return "<not a URL>"
+    text = url.strip()[: _MAX_URL_CHARS + 1]
     try:
-        p = urlparse(url)
+        if text.lower().startswith(("http://", "https://")):
+            p = parse_url(text)
+            port = f":{p.port}" if p.port is not None else ""
+            head, path, query = f"{p.scheme}://{p.host or ''}{port}", p.path or "", p.query or ""
+        else:
+            s = urlsplit(text)
+            netloc = s.netloc.rpartition("@")[2]
+            head = f"{s.scheme}://{netloc}" if s.scheme else (f"//{netloc}" if netloc else "")
+            path, query = s.path, s.query
+    except ValueError:                           # LocationParseError is one too
+        return "<malformed URL>"
+    if "/data/local-files" in path:
+        d = parse_qs(query).get("d")
+        return _clip(f"{head}{path}?d={d[-1]}" if d else head + path)
+    return _clip(head + path)
+
+
+# -- one parse of an http(s) URL, the one the client connects with ------------------------------
+class _Malformed(ValueError):
+    """An http(s) URL refused unread; the message is the reason, a clause ("it contains ...")."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a request goes, as urllib3 (hence requests) will connect: scheme, host, port."""
+    scheme: str
+    host: str                    # lowercase; IPv6 in brackets, as in a URL
+    port: int | None             # as written (None: the scheme's default)
+    path: str
+    query: str | None
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else _DEFAULT_PORT[self.scheme]
+
+    @property
+    def host_key(self) -> str:
+        """The host for comparisons: IP literals in canonical form, names as written."""
+        return _host_key(self.host)
+
+    @property
+    def shown(self) -> str:
+        """host:port, as connected to (for messages)."""
+        return f"{self.host}:{self.effective_port}"
+
+    @property
+    def url(self) -> str:
+        return Url(scheme=self.scheme, host=self.host, port=self.port, path=self.path or "/",
+                   query=self.query).url
+
+    def same_origin(self, other: "_Target") -> bool:
+        """Same scheme, same host (``localhost`` as 127.0.0.1 or ::1) and same effective port."""
+        a, b = self.host_key, other.host_key
+        return self.scheme == other.scheme and self.effective_port == other.effective_port and \
+            (a == b or {a, b} in _LOCALHOST_PAIRS)
+
+
+def _host_key(host: str) -> str:
+    bare = host[1:-1] if host.startswith("[") else host
+    try:
+        return ipaddress.ip_address(bare).compressed
     except ValueError:
-        return "<unparsable url>"
-    if "/data/local-files" in p.path:
-        d = parse_qs(p.query).get("d")
-        return f"{p.path}?d={d[-1]}" if d else p.path
-    host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
-    return f"{p.scheme}://{host}{p.path}" if p.scheme else p.path
+        return bare
 
 
-def _host_of(url: str) -> str:
-    p = urlparse(url)
-    host = (p.hostname or "").lower()
-    return f"{host}:{p.port}" if p.port else host
+def _check_host(host: str) -> None:
+    """`host` (lowercase, from urllib3) is a plain DNS name, a dotted-quad IPv4 or a bracketed IPv6."""
+    if host.startswith("["):
+        if not _IPV6_LITERAL.fullmatch(host):
+            raise _Malformed(f"its host {_clip(host, 80)!r} is not a plain IPv6 address")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise _Malformed(f"its host {_clip(host, 80)!r} is not a valid IPv6 address") from None
+        return
+    if "%" in host:
+        raise _Malformed("its host is percent-encoded")
+    if host.endswith("."):
+        raise _Malformed(f"its host {_clip(host, 80)!r} ends with a dot")
+    labels = host.split(".")
+    if len(host) > 253 or not all(_NAME_LABEL.fullmatch(label) for label in labels):
+        raise _Malformed(f"its host {_clip(host, 80)!r} is not a plain host name")
+    # the resolver reads 2130706433, 127.1, 0x7f.0.0.1 and 0177.0.0.1 (octal) as IPv4 addresses, as
+    # inet_aton does: of those only the plain a.b.c.d form is let through
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return                                   # a name, not a number
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise _Malformed(f"its host {_clip(host, 80)!r} is not an IPv4 address written as a.b.c.d") from None
+
+
+def _parse_target(url: str) -> _Target:
+    """The request target of an absolute http(s) URL, or _Malformed."""
+    if len(url) > _MAX_URL_CHARS:
+        raise _Malformed(f"it is {len(url):,} characters long (at most {_MAX_URL_CHARS:,} are accepted)")
+    if "\\" in url:
+        raise _Malformed("it contains a backslash")
+    if any(ord(c) < 32 or ord(c) == 127 or c.isspace() for c in url):
+        raise _Malformed("it contains a control character or white space")
+    scheme = url.partition(":")[0].lower()
+    if scheme not in _DEFAULT_PORT or not url[len(scheme) + 1:].startswith("//"):
+        raise _Malformed("only http:// and https:// URLs can be downloaded")
+    try:
+        std = urlsplit(url)
+        std_host, std_port = std.hostname, std.port
+    except ValueError:
+        raise _Malformed("it cannot be parsed") from None
+    if "%" in std.netloc:
+        raise _Malformed("its host is percent-encoded")
+    if "@" in std.netloc:
+        raise _Malformed("it carries a user name or password (user:pass@)")
+    if std_host and not std_host.isascii():
+        raise _Malformed("its host is not plain ASCII (write an international name in its xn-- form)")
+    try:
+        p = parse_url(url)
+    except ValueError:
+        raise _Malformed("it cannot be parsed (is the port a number up to 65535?)") from None
+    if p.auth is not None:
+        raise _Malformed("it carries a user name or password (user:pass@)")
+    host = (p.host or "").lower()
+    if not host:
+        raise _Malformed("it has no host")
+    _check_host(host)
+    if p.port == 0:
+        raise _Malformed("its port is 0")
+    target = _Target(scheme=p.scheme, host=host, port=p.port, path=p.path or "/", query=p.query)
+    # belt and braces: the standard library's parser must read the same host and port
+    if std_host is None or _host_key(std_host) != target.host_key or std_port != p.port:
+        raise _Malformed("URL parsers disagree on its host")
+    return target
+
+
+# -- local paths ----------------------------------------------------------------------------------
+def _os_reason(exc: OSError) -> str:
+    """A sentence fragment for an OSError on a local path (never the path itself)."""
+    reasons = {
+        errno.ENAMETOOLONG: "the local file name is too long",
+        errno.ENOENT: "no such file under the local roots",
+        errno.ENOTDIR: "no such file under the local roots (a part of the path is not a folder)",
+        errno.EISDIR: "it is a folder, not a photo file",
+        errno.ELOOP: "the local path has too many levels of symbolic links",
+        errno.EACCES: "permission to read the local file is denied",
+        errno.EPERM: "permission to read the local file is denied",
+    }
+    return reasons.get(exc.errno) or f"the local file cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def _path_problem(path: str) -> str | None:
+    """Why `path` cannot name a local file at all (None: it can)."""
+    if "\0" in path:
+        return "the local file path contains a NUL character"
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return "the local file path is not valid text (it holds an unpaired surrogate character)"
+    return None
 
 
 class ImageFetcher:
@@ -77,8 +265,11 @@ class ImageFetcher:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         self.roots = [Path(r).resolve() for r in self.settings.local_roots]
+        self.allow_any = "*" in self.settings.allowed_hosts
+        self.allowed = [a for a in map(_allowed_entry, self.settings.allowed_hosts) if a]
         self.session = requests.Session()
         self.session.trust_env = False   # no proxy / netrc credentials leaking into fetches
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # keep none
 
     # -- public ---------------------------------------------------------------------------------
     def load(self, url: str, task_id=None, ls_url: str | None = None, api_key: str | None = None) -> np.ndarray:
@@ -92,22 +283,34 @@ class ImageFetcher:
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError("the task has no image URL")
         url = url.strip()
-        ls_url = (self.settings.label_studio_url or ls_url or "").rstrip("/") or None
-        api_key = self.settings.label_studio_api_key or api_key
-        low = url.lower()
+        ls_url = self.settings.label_studio_url or (ls_url if isinstance(ls_url, str) else None)
+        ls_url = (ls_url or "").strip().rstrip("/") or None
+        api_key = self.settings.label_studio_api_key or (api_key if isinstance(api_key, str) else None)
+        try:
+            return self._fetch(url, task_id, ls_url, api_key)
+        except ImageFetchError as exc:
+            if api_key and len(api_key) >= 8 and api_key in str(exc):    # a URL that happens to carry it
+                raise ImageFetchError(str(exc).replace(api_key, "<token>")) from None
+            raise
 
+    def _fetch(self, url: str, task_id, ls_url: str | None, api_key: str | None) -> bytes:
+        low = url.lower()
         if low.startswith(_CLOUD_PREFIXES):
             return self._from_cloud(url, task_id, ls_url, api_key)
         if low.startswith(("http://", "https://")):
-            parsed = urlparse(url)
-            if "/data/local-files" in parsed.path and self.roots and self._is_ls(url, ls_url):
-                return self._read_local(self._local_files_path(url))
-            return self._download(url, ls_url, api_key)
+            target = self._target(url, safe_url(url))
+            if "/data/local-files" in target.path and self.roots and self._is_ls(target, ls_url):
+                return self._read_local(self._local_files_path(target.query or ""))
+            return self._download(target, ls_url, api_key)
         if low.startswith("file://"):
-            return self._read_local(self._inside_roots(unquote(urlparse(url).path)))
-        if url.startswith("/data/local-files") or url.startswith("data/local-files"):
+            try:
+                path = unquote(urlsplit(url).path)
+            except ValueError:
+                raise ImageFetchError(f"the file URL {safe_url(url)!r} is malformed") from None
+            return self._read_local(self._inside_roots(path))
+        if url.startswith(("/data/local-files", "data/local-files")):
             if self.roots:
-                return self._read_local(self._local_files_path(url))
+                return self._read_local(self._local_files_path(url.partition("?")[2]))
             return self._download(self._on_ls(url, ls_url), ls_url, api_key)
         if url.startswith(("/data/", "data/", "/upload/", "upload/", "/storage-data/")):
             path = url.lstrip("/")
@@ -116,123 +319,248 @@ class ImageFetcher:
             return self._download(self._on_ls("/" + path, ls_url), ls_url, api_key)
         if url.startswith("/") and not url.startswith("//"):
             return self._read_local(self._inside_roots(url))
-        raise ImageFetchError(f"unsupported image URL {safe_url(url)!r}")
+        raise ImageFetchError(f"unsupported image URL {safe_url(url)!r} (expected http(s)://, /data/..., "
+                              "s3://, gs://, azure-blob://, file:// or an absolute path)")
 
     # -- local files ----------------------------------------------------------------------------
-    def _local_files_path(self, url: str) -> Path:
-        values = parse_qs(urlparse(url).query, keep_blank_values=True).get("d")
+    def _local_files_path(self, query: str) -> Path:
+        values = parse_qs(query, keep_blank_values=True).get("d")
         rel = values[-1] if values else ""
         if not rel:
             raise ImageFetchError("local-files URL without a ?d= path")
         return self._inside_roots(rel, relative_ok=True)
 
     def _inside_roots(self, path: str, relative_ok: bool = False) -> Path:
-        """The real path of `path` if it lies inside a configured root, else ImageFetchError."""
+        """The real path of `path` if it is a regular file inside a configured root, else ImageFetchError."""
+        shown = _clip(path)
         if not self.roots:
-            raise ImageFetchError(f"{path}: reading local files is disabled (set TAG2MASK_LOCAL_ROOTS)")
-        if ".." in Path(path).parts:
-            raise ImageFetchError(f"{path}: '..' is not allowed in a local file path")
-        candidates = []
+            raise ImageFetchError(f"{shown}: reading local files is disabled (set TAG2MASK_LOCAL_ROOTS)")
+        problem = _path_problem(path)
+        if problem:
+            raise ImageFetchError(f"{shown}: {problem}")
         p = Path(path)
-        if p.is_absolute():
-            candidates.append(p)
+        if ".." in p.parts:
+            raise ImageFetchError(f"{shown}: '..' is not allowed in a local file path")
+        candidates = [p] if p.is_absolute() else []
         if relative_ok or not p.is_absolute():
-            candidates += [root / str(path).lstrip("/") for root in self.roots]
-        outside = False
+            candidates += [root / path.lstrip("/") for root in self.roots]
+        outside, not_file, error = False, None, None
         for cand in candidates:
-            real = cand.resolve()
-            if not any(real == r or r in real.parents for r in self.roots):
-                outside = outside or cand.exists()
-                continue
-            if real.is_file():
-                return real
+            try:
+                real = cand.resolve()
+                if not any(real == r or r in real.parents for r in self.roots):
+                    outside = outside or cand.exists()
+                    continue
+                if real.is_file():
+                    return real
+                if real.exists():
+                    not_file = not_file or ("it is a folder, not a photo file" if real.is_dir()
+                                            else "not a regular file")
+            except OSError as exc:
+                error = error or exc
         if outside:
-            raise ImageFetchError(f"{path}: outside the allowed local roots")
-        raise ImageFetchError(f"{path}: no such file under the local roots")
+            raise ImageFetchError(f"{shown}: outside the allowed local roots")
+        if not_file:
+            raise ImageFetchError(f"{shown}: {not_file}")
+        if error is not None:
+            raise ImageFetchError(f"{shown}: {_os_reason(error)}")
+        raise ImageFetchError(f"{shown}: no such file under the local roots")
 
     def _read_local(self, path: Path) -> bytes:
-        cap = self.settings.max_image_bytes
+        """The bytes of regular file `path`, at most TAG2MASK_MAX_IMAGE_BYTES (never blocks on a FIFO)."""
+        cap, shown = self.settings.max_image_bytes, _clip(path.name)
         try:
-            size = path.stat().st_size
-            if size > cap:
-                raise ImageFetchError(f"{path.name}: {size:,} bytes is over the limit of {cap:,} (TAG2MASK_MAX_IMAGE_BYTES)")
-            return path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
-            raise ImageFetchError(f"{path.name}: cannot read ({exc.strerror or type(exc).__name__})") from None
+            raise ImageFetchError(f"{shown}: {_os_reason(exc)}") from None
+        with os.fdopen(fd, "rb") as f:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageFetchError(f"{shown}: not a regular file")
+                if st.st_size > cap:
+                    raise ImageFetchError(f"{shown}: {st.st_size:,} bytes is over the limit of {cap:,} "
+                                          "(TAG2MASK_MAX_IMAGE_BYTES)")
+                data = f.read(cap + 1)
+            except OSError as exc:
+                raise ImageFetchError(f"{shown}: {_os_reason(exc)}") from None
+        if len(data) > cap:
+            raise ImageFetchError(f"{shown}: more than {cap:,} bytes (TAG2MASK_MAX_IMAGE_BYTES)")
+        return data
 
     # -- remote ---------------------------------------------------------------------------------
-    def _on_ls(self, path: str, ls_url: str | None) -> str:
+    @staticmethod
+    def _target(url: str, label: str, what: str = "the image URL") -> _Target:
+        try:
+            return _parse_target(url)
+        except _Malformed as exc:
+            raise ImageFetchError(f"{label}: {what} is malformed: {exc}; it was refused without "
+                                  "connecting anywhere") from None
+
+    @staticmethod
+    def _ls_target(ls_url: str | None) -> _Target | None:
+        try:
+            return _parse_target(ls_url) if ls_url else None
+        except _Malformed:
+            return None
+
+    def _on_ls(self, path: str, ls_url: str | None) -> _Target:
+        """`path` (from the task) on Label Studio's host; spaces and the like in it are percent-encoded."""
         if not ls_url:
             raise ImageFetchError(f"{safe_url(path)}: Label Studio's URL is unknown (set LABEL_STUDIO_URL)")
-        return ls_url + "/" + path.lstrip("/")
+        try:
+            _parse_target(ls_url)
+        except _Malformed as exc:
+            raise ImageFetchError(f"Label Studio's URL (LABEL_STUDIO_URL or /setup's hostname) is malformed: "
+                                  f"{exc}") from None
+        return self._target(requote_uri(ls_url + "/" + path.lstrip("/")), safe_url(path))
 
-    def _is_ls(self, url: str, ls_url: str | None) -> bool:
-        if not ls_url:
-            return False
-        a, b = urlparse(url), urlparse(ls_url)
-        local = {"localhost", "127.0.0.1", "::1"}
-        same_host = (a.hostname or "").lower() == (b.hostname or "").lower() or \
-            ((a.hostname or "").lower() in local and (b.hostname or "").lower() in local)
-        return same_host and (a.port or (443 if a.scheme == "https" else 80)) == \
-            (b.port or (443 if b.scheme == "https" else 80))
+    def _is_ls(self, target: _Target, ls_url: str | None) -> bool:
+        ls = self._ls_target(ls_url)
+        return ls is not None and target.same_origin(ls)
 
-    def _allowed(self, url: str, ls_url: str | None) -> bool:
-        if self._is_ls(url, ls_url):
+    def _allowed(self, target: _Target, ls_url: str | None) -> bool:
+        if self.allow_any or self._is_ls(target, ls_url):
             return True
-        allowed = self.settings.allowed_hosts
-        if "*" in allowed:
-            return True
-        host = _host_of(url)
-        bare = (urlparse(url).hostname or "").lower()
-        return host in allowed or bare in allowed
+        return any(host == target.host_key and port in (None, target.effective_port)
+                   for host, port in self.allowed)
 
     def _from_cloud(self, uri: str, task_id, ls_url: str | None, api_key: str | None) -> bytes:
         from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
 
+        label = safe_url(uri)
         if task_id is None:
-            raise ImageFetchError(f"{safe_url(uri)}: a cloud URI needs the task id for Label Studio's presign endpoint")
-        presign = self._on_ls(f"/tasks/{int(task_id)}/presign/?fileuri={encode_presign_fileuri(uri)}", ls_url)
+            raise ImageFetchError(f"{label}: a cloud URI needs the task id for Label Studio's presign endpoint")
+        try:
+            tid = int(task_id)
+        except (TypeError, ValueError):
+            raise ImageFetchError(f"{label}: the task id {_clip(str(task_id), 40)!r} is not a number") from None
+        presign = self._on_ls(f"/tasks/{tid}/presign/?fileuri={encode_presign_fileuri(uri)}", ls_url)
         # the presign endpoint redirects to a signed URL on the storage's host: follow it
-        return self._download(presign, ls_url, api_key, follow_any=True, label=safe_url(uri))
+        return self._download(presign, ls_url, api_key, follow_any=True, label=label)
 
-    def _download(self, url: str, ls_url: str | None, api_key: str | None, follow_any: bool = False,
+    def _download(self, target: _Target, ls_url: str | None, api_key: str | None, follow_any: bool = False,
                   label: str | None = None) -> bytes:
-        label = label or safe_url(url)
-        if not self._allowed(url, ls_url):
-            raise ImageFetchError(f"{label}: host {_host_of(url)!r} is not allowed "
+        label = label or safe_url(target.url)
+        if not self._allowed(target, ls_url):
+            raise ImageFetchError(f"{label}: host {target.shown!r} is not allowed "
                                   "(only Label Studio's host and TAG2MASK_ALLOWED_HOSTS)")
-        timeout = self.settings.fetch_timeout
-        cap = self.settings.max_image_bytes
+        deadline = time.monotonic() + self.settings.fetch_timeout
         for _ in range(_MAX_REDIRECTS + 1):
-            headers = {"User-Agent": "tag2mask-ml-backend"}
-            if api_key and self._is_ls(url, ls_url):
-                headers["Authorization"] = f"Token {api_key}"
-            try:
-                resp = self.session.get(url, headers=headers, timeout=(min(timeout, 10.0), timeout),
-                                        stream=True, allow_redirects=False)
-            except requests.RequestException as exc:
-                raise ImageFetchError(f"{label}: download failed ({type(exc).__name__})") from None
+            token = api_key if api_key and self._is_ls(target, ls_url) else None
+            resp = self._send(target, token, deadline, label)
             with resp:
                 if resp.is_redirect:
-                    nxt = urljoin(url, resp.headers.get("Location", ""))
-                    if not (follow_any or self._allowed(nxt, ls_url)):
-                        raise ImageFetchError(f"{label}: redirected to a host that is not allowed ({_host_of(nxt)!r})")
-                    url = nxt
+                    target = self._next_hop(target, resp, label, follow_any, ls_url)
                     continue
                 if resp.status_code != 200:
-                    raise ImageFetchError(f"{label}: HTTP {resp.status_code} from {_host_of(url)}")
-                length = resp.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > cap:
-                    raise ImageFetchError(f"{label}: {int(length):,} bytes is over the limit of {cap:,} "
-                                          "(TAG2MASK_MAX_IMAGE_BYTES)")
-                chunks, total = [], 0
-                try:
-                    for chunk in resp.iter_content(chunk_size=256 * 1024):
-                        total += len(chunk)
-                        if total > cap:
-                            raise ImageFetchError(f"{label}: more than {cap:,} bytes (TAG2MASK_MAX_IMAGE_BYTES)")
-                        chunks.append(chunk)
-                except requests.RequestException as exc:
-                    raise ImageFetchError(f"{label}: download interrupted ({type(exc).__name__})") from None
+                    raise ImageFetchError(f"{label}: HTTP {resp.status_code} from {target.shown}")
+                return self._read_body(resp, label, deadline)
+        raise ImageFetchError(f"{label}: too many redirects (more than {_MAX_REDIRECTS})")
+
+    def _send(self, target: _Target, token: str | None, deadline: float, label: str) -> requests.Response:
+        """GET `target` (no redirects followed, body not read yet), `token` as Authorization if given."""
+        headers = {"User-Agent": "tag2mask-ml-backend", "Accept-Encoding": "identity"}
+        if token:
+            headers["Authorization"] = f"Token {token}"
+        prepared = self.session.prepare_request(requests.Request("GET", target.url, headers=headers))
+        # requests re-parses the URL; connect only if that lands exactly where was checked
+        again = parse_url(prepared.url)
+        if (again.scheme, (again.host or "").lower(), again.port, again.auth) != \
+                (target.scheme, target.host, target.port, None) or \
+                prepared.headers.get("Authorization") != headers.get("Authorization"):
+            raise ImageFetchError(f"{label}: the request to {target.shown} would not go where it was checked; "
+                                  "refused")
+        remaining = self._remaining(deadline, label)
+        try:
+            return self.session.send(prepared, stream=True, allow_redirects=False, proxies={},
+                                     timeout=(min(remaining, 10.0), remaining))
+        except requests.RequestException as exc:
+            raise ImageFetchError(f"{label}: download failed ({type(exc).__name__} "
+                                  f"from {target.shown})") from None
+
+    def _next_hop(self, target: _Target, resp: requests.Response, label: str, follow_any: bool,
+                  ls_url: str | None) -> _Target:
+        location = resp.headers.get("Location", "")
+        try:                                       # the header arrives latin-1 decoded; UTF-8 is usual
+            location = location.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass
+        if not location.strip():
+            raise ImageFetchError(f"{label}: {target.shown} answered a redirect without a Location")
+        nxt = self._target(urljoin(target.url, location.strip()), label, what="the redirect target")
+        if not (follow_any or self._allowed(nxt, ls_url)):
+            raise ImageFetchError(f"{label}: redirected to a host that is not allowed ({nxt.shown!r})")
+        return nxt
+
+    def _remaining(self, deadline: float, label: str) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageFetchError(f"{label}: download interrupted (it took longer than "
+                                  f"{self.settings.fetch_timeout:g} s, TAG2MASK_FETCH_TIMEOUT)")
+        return remaining
+
+    def _read_body(self, resp: requests.Response, label: str, deadline: float) -> bytes:
+        """The body of `resp`, cut at the size cap and at `deadline` (each socket read waits at most
+        the time left)."""
+        cap = self.settings.max_image_bytes
+        length = _content_length(resp.headers.get("Content-Length"), label)
+        if length is not None and length > cap:
+            raise ImageFetchError(f"{label}: {length:,} bytes is over the limit of {cap:,} "
+                                  "(TAG2MASK_MAX_IMAGE_BYTES)")
+        raw = resp.raw
+        read = getattr(raw, "read1", None) or raw.read
+        chunks, total = [], 0
+        while True:
+            _set_read_timeout(raw, self._remaining(deadline, label))
+            try:
+                chunk = read(_READ_CHUNK, decode_content=True)
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+                self._remaining(deadline, label)
+                raise ImageFetchError(f"{label}: download interrupted ({type(exc).__name__})") from None
+            if not chunk:
                 return b"".join(chunks)
-        raise ImageFetchError(f"{label}: too many redirects")
+            total += len(chunk)
+            if total > cap:
+                raise ImageFetchError(f"{label}: more than {cap:,} bytes (TAG2MASK_MAX_IMAGE_BYTES)")
+            chunks.append(chunk)
+
+
+def _content_length(value: str | None, label: str) -> int | None:
+    """The announced body size (None: not announced); huge values are capped at 10**18, and
+    anything but ASCII digits (or a list of one repeated value) is refused."""
+    if value is None:
+        return None
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+        raise ImageFetchError(f"{label}: the server sent an invalid Content-Length ({_clip(value, 40)!r})")
+    digits = next(iter(values)).lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10 ** 18
+
+
+def _set_read_timeout(raw, seconds: float) -> None:
+    """Make the next socket read of urllib3 response `raw` wait at most `seconds`."""
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
+
+
+def _allowed_entry(entry: str) -> tuple[str, int | None] | None:
+    """A TAG2MASK_ALLOWED_HOSTS entry ("host", "host:port", "[v6]", "[v6]:port", "v6") as
+    (host key, port or None), or None when it cannot be read (or is "*")."""
+    entry = entry.strip().lower()
+    host, port = entry, None
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif entry.count(":") == 1:
+        host, _, p = entry.partition(":")
+        if not p.isdigit():
+            return None
+        port = int(p)
+    if not host or host == "*":
+        return None
+    return _host_key(host), port

@@ -34,8 +34,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Connection", "close")
             self.end_headers()
-            for _ in range(40):
-                self.wfile.write(b"\0" * 65536)
+            try:
+                for _ in range(40):
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:          # the client hangs up at its size cap
+                pass
             return
         if self.path.startswith("/redirect-out"):
             self.send_response(302)
@@ -160,3 +163,36 @@ def test_unsupported_and_cloud_without_task(server):
 def test_safe_url():
     assert safe_url("https://u:p@h.org:8443/a/b.jpg?sig=1") == "https://h.org:8443/a/b.jpg"
     assert safe_url("/data/local-files/?d=x/y.jpg") == "/data/local-files/?d=x/y.jpg"
+
+
+def test_odd_local_paths_give_sentences(horse_dir, tmp_path):
+    """OS trouble with a local path (too long, NUL, unpaired surrogate, a folder, a FIFO) is a sentence
+    naming the path, cut to 200 characters, with control characters escaped."""
+    f = _fetcher(local_roots=[horse_dir])
+
+    def refused(url: str, match: str) -> str:
+        with pytest.raises(ImageFetchError, match=match) as err:
+            f.load(url)
+        msg = str(err.value)
+        assert "internal error" not in msg and len(msg) < 300 and "\n" not in msg and "\0" not in msg, msg
+        return msg
+
+    msg = refused("/data/local-files/?d=" + "a" * 5000 + ".jpg", "the local file name is too long")
+    assert "…" in msg
+    refused("/data/local-files/?d=" + "ab/" * 1500 + "x.jpg", "the local file name is too long")   # > PATH_MAX
+    refused(str(horse_dir / ("b" * 300 + ".jpg")), "the local file name is too long")
+    refused("/data/local-files/?d=images/a%00.jpg", "contains a NUL character")
+    refused(str(horse_dir / "images" / "\ud800.jpg"), "not valid text")
+    refused("/data/local-files/?d=images", "it is a folder, not a photo file")
+    assert "\\u202e" in refused("/data/local-files/?d=images/\u202egpj.exe", "no such file")
+    assert "\\n" in refused("/data/local-files/?d=images/a%0Ab.jpg", "no such file")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pipe.jpg")
+    g = _fetcher(local_roots=[root])
+    with pytest.raises(ImageFetchError, match="not a regular file"):     # and does not block on the FIFO
+        g.load("/data/local-files/?d=pipe.jpg")
+    # through Label Studio's full URL when the roots are set
+    h = _fetcher(local_roots=[horse_dir], label_studio_url="http://localhost:8080")
+    with pytest.raises(ImageFetchError, match="too long"):
+        h.load("http://localhost:8080" + "/data/local-files/?d=" + "c" * 5000 + ".jpg")
