@@ -1,9 +1,21 @@
-"""``tag2mask eval``: segment photos with one tag and score the masks against ground truth.
+"""``tag2mask eval``: segment photos with their tags and score the masks against ground truth.
 
-Photos are matched to masks by stem (``images/horse301.jpg`` <-> ``masks/horse301.png``); a mask pixel
-that is not 0 is the object. Scores come from ``explainers.metrics.SegmentationScore``: foreground IoU
-and background IoU accumulated over all pixels, mIoU = (bg + fg) / 2, box IoU, seconds per photo
-(the pipeline's wall time, photo loading excluded) and the worst photos.
+Two kinds of ground truth, photos matched to masks by stem (``images/horse301.jpg`` <-> ``masks/horse301.png``):
+
+- **binary masks, one tag** (``--tag horse``): a mask pixel that is not 0 is the object. Scores come from
+  ``explainers.metrics.SegmentationScore``: foreground IoU and background IoU accumulated over all
+  pixels, mIoU = (bg + fg) / 2, box IoU, seconds per photo (the pipeline's wall time, photo loading
+  excluded) and the worst photos.
+- **class-id masks** (``--classes FILE``: "id name" per line): each pixel holds a class id. A photo's
+  tags are class names, from a tags file (``--tags-csv``: rows ``image,name1;name2`` or lines
+  ``stem id id ...``) or from the ids present in its mask (``--tags-from-mask``); pixels whose id is
+  in ``--ignore`` are left out of every count. The photo is segmented once with all its coverable tags
+  together (the tags compete, as in ``tag2mask label``); the predicted mask of each tag is scored
+  against the ground-truth mask of its class (``explainers.metrics.ClassScores``): fg IoU pooled over
+  pixels per class, then the mean over classes, mIoU, per-class box IoU and per-photo scores (the mean
+  of its tags' IoUs). A class name that the classifier cannot map (a refused or unknown tag: person,
+  sky-other-merged ...) is "not coverable": left out of the photo's tags and of every mean, and
+  reported with the reason and its number of photos.
 
 Public API::
 
@@ -11,8 +23,14 @@ Public API::
     run = evaluate(engine, pairs, "horse")    # -> EvalRun(summary, photos, errors)
     print(format_summary(run.summary))
 
+    classes = read_classes("classes.txt")                       # {id: name}
+    tags = read_photo_tags("tags.csv", classes)                 # {stem: [id, ...]}, or None: from the masks
+    run = evaluate_classes(engine, pairs, classes, tags, ignore={255})
+    print(format_class_summary(run.summary))
+
 ``EvalRun.photos`` keeps each photo's prediction, ground truth and CAM (``keep_masks=True``) for the
-HTML report of ``--report DIR`` (:mod:`backend.eval_report`: best, median and worst photos).
+HTML report of ``--report DIR`` (:mod:`backend.eval_report`: best, median and worst photos; in
+class mode also the classes, worst first, and the classes that are not coverable).
 """
 from __future__ import annotations
 
@@ -27,7 +45,8 @@ import numpy as np
 
 from backend.labeling import IMAGE_EXTENSIONS, PhotoError
 
-__all__ = ["EvalPhoto", "EvalRun", "find_pairs", "evaluate", "format_summary", "run_eval"]
+__all__ = ["EvalPhoto", "EvalRun", "find_pairs", "evaluate", "format_summary", "read_classes", "read_photo_tags",
+           "load_label_mask", "evaluate_classes", "format_class_summary", "run_eval"]
 
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".jpg", ".jpeg")
 
@@ -42,6 +61,10 @@ class EvalPhoto:
     pred: np.ndarray | None = None
     gt: np.ndarray | None = None
     cam: np.ndarray | None = None
+    tags: dict[str, float] | None = None
+    """Class mode: fg IoU of each scored tag; `iou` is their mean, `pred`/`gt` are label maps
+    (0 = none, k = the k-th tag of `tags`) and `cam` is the CAM of `cam_tag`, the photo's worst tag."""
+    cam_tag: str | None = None
 
 
 @dataclass
@@ -136,6 +159,223 @@ def evaluate(engine, pairs: Sequence[tuple[str, Path, Path]], tag: str, progress
     return run
 
 
+# -- class-id masks ----------------------------------------------------------------------------------
+def read_classes(path: str | Path) -> dict[int, str]:
+    """A classes table, "id name" per line (the name may hold spaces; blank lines and "#" lines are
+    skipped) -> {id: name}. Raises ValueError (with the line number) for a bad line or a repeated
+    id or name."""
+    classes: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"{path}:{lineno}: expected 'id name', got {line!r}")
+        cid, name = int(parts[0]), " ".join(parts[1].split())
+        if cid in classes:
+            raise ValueError(f"{path}:{lineno}: class id {cid} is listed twice")
+        if name.lower() in seen:
+            raise ValueError(f"{path}:{lineno}: class name {name!r} is listed twice "
+                             f"(ids {seen[name.lower()]} and {cid})")
+        classes[cid] = name
+        seen[name.lower()] = cid
+    if not classes:
+        raise ValueError(f"{path}: no classes in it (expected 'id name' lines)")
+    return classes
+
+
+def _class_of(token: str, classes: dict[int, str], by_name: dict[str, int]) -> int | None:
+    key = " ".join(token.split()).lower()
+    if key in by_name:
+        return by_name[key]
+    if key.isdigit() and int(key) in classes:
+        return int(key)
+    return None
+
+
+def read_photo_tags(path: str | Path, classes: dict[int, str]) -> dict[str, list[int]]:
+    """Each photo's tags -> {stem: [class id, ...]}. A line is either a CSV row ``image,tag1;tag2``
+    (image = file name or stem; a first row "image,..." is a header) or, without a comma, ``stem tag
+    tag ...`` separated by spaces. A tag is a class name of `classes` (any case) or its id.
+    Blank lines and "#" lines are skipped. Raises ValueError (with the line number) for a tag that
+    is not in the classes table or a line without tags."""
+    import csv
+
+    by_name = {name.lower(): cid for cid, name in classes.items()}
+    out: dict[str, list[int]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if "," in text:
+                cells = [c.strip() for c in next(csv.reader([text]))]
+                if lineno == 1 and cells[0].lower() in ("image", "photo", "file", "filename", "stem"):
+                    continue
+                image, tokens = cells[0], [t for c in cells[1:] for t in c.split(";") if t.strip()]
+            else:
+                image, *tokens = text.split()
+            if not image or not tokens:
+                raise ValueError(f"{path}:{lineno}: expected 'image,tag1;tag2' or 'stem tag tag ...', got {text!r}")
+            ids = []
+            for token in tokens:
+                cid = _class_of(token, classes, by_name)
+                if cid is None:
+                    raise ValueError(f"{path}:{lineno}: tag {token.strip()!r} of {image} is not in the classes table")
+                ids.append(cid)
+            stem = Path(image).stem if Path(image).suffix.lower() in IMAGE_EXTENSIONS else image
+            out[stem] = list(dict.fromkeys(out.get(stem, []) + ids))
+    return out
+
+
+def load_label_mask(path: Path) -> np.ndarray:
+    """A class-id mask file -> (H, W) integer array of ids (a palette PNG gives its indices).
+    Raises ValueError for a colour (RGB) mask, whose pixels are not ids."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+            raise ValueError(f"mask {path} is a colour ({im.mode}) image; class-id masks hold one id per pixel "
+                             "(8- or 16-bit grayscale or palette PNG)")
+        arr = np.asarray(im)
+    if arr.ndim != 2:
+        raise ValueError(f"mask {path} has shape {arr.shape}; expected one id per pixel (H, W)")
+    return arr.astype(np.int64, copy=False)
+
+
+def _coverage(engine, classes: dict[int, str]) -> tuple[dict[int, str], dict[int, str]]:
+    """({id: name} of the classes the engine can segment, {id: reason} of the others)."""
+    from explainers.errors import UnknownTagError
+
+    coverable, not_coverable = {}, {}
+    for cid, name in classes.items():
+        try:
+            engine.class_set(name)
+        except UnknownTagError as exc:
+            not_coverable[cid] = str(exc)
+        else:
+            coverable[cid] = name
+    return coverable, not_coverable
+
+
+def evaluate_classes(engine, pairs: Sequence[tuple[str, Path, Path]], classes: dict[int, str],
+                     photo_tags: dict[str, list[int]] | None = None, ignore: Sequence[int] = (),
+                     progress: bool = True, keep_masks: bool = False,
+                     report: Callable[[str], None] | None = None) -> EvalRun:
+    """Segment each photo with its coverable tags (from `photo_tags`, or the ids in its mask when None)
+    and score each tag's mask against its class's pixels; `ignore`: ids left out of every count.
+    A failing photo is an error entry, the rest go on. ``run.summary`` is
+    :meth:`explainers.metrics.ClassScores.summary` plus "not_coverable" {name: {id, photos, reason}}
+    and "photos_without_coverable_tags" (not-coverable tags: those of the photos that were scored or
+    had no coverable tag; the photos that failed are not counted)."""
+    from tqdm import tqdm
+
+    from explainers.errors import ExplainersError
+    from explainers.imageio import load_image
+    from explainers.metrics import ClassScores
+
+    coverable, reasons = _coverage(engine, classes)
+    ignored = sorted(set(int(v) for v in ignore))
+    scores = ClassScores()
+    run = EvalRun(summary={})
+    missed: dict[int, int] = {}     # not-coverable class id -> photos tagged with it
+    bare = 0                        # photos without a coverable tag
+    say = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    for stem, image_path, mask_path in tqdm(pairs, unit="photo", desc="eval", disable=not progress, file=sys.stderr):
+        try:
+            image = load_image(image_path)
+            gt = load_label_mask(mask_path)
+            if gt.shape != image.shape[:2]:
+                raise ValueError(f"mask {mask_path} is {gt.shape[1]}x{gt.shape[0]}, "
+                                 f"photo is {image.shape[1]}x{image.shape[0]}")
+            if photo_tags is None:
+                ids = [int(v) for v in np.unique(gt) if int(v) not in ignored]
+                unknown = [v for v in ids if v not in classes]
+                if unknown:
+                    raise ValueError(f"mask {mask_path} holds class ids {', '.join(map(str, unknown))} "
+                                     "that the classes table does not list")
+            elif stem in photo_tags:
+                ids = [v for v in photo_tags[stem] if v not in ignored]
+            else:
+                raise ValueError(f"{image_path}: the tags file has no row for {stem}")
+            lacking = [v for v in ids if v not in coverable]
+            ids = [v for v in ids if v in coverable]
+            if not ids:
+                bare += 1
+                for v in lacking:
+                    missed[v] = missed.get(v, 0) + 1
+                continue
+            tags = [coverable[v] for v in ids]
+            t0 = time.perf_counter()
+            result = engine.predict(image, tags)
+            seconds = time.perf_counter() - t0
+        except (ExplainersError, ValueError, OSError) as exc:
+            message = str(exc) if str(image_path) in str(exc) or str(mask_path) in str(exc) else f"{image_path}: {exc}"
+            run.errors.append(PhotoError(str(image_path), message))
+            say(f"error: {message}")
+            continue
+        for v in lacking:
+            missed[v] = missed.get(v, 0) + 1
+        valid = ~np.isin(gt, ignored) if ignored else None
+        masks = {t.tag: t.mask.astype(bool) for t in result.tags}
+        preds = [masks.get(tag, np.zeros(gt.shape, bool)) for tag in tags]   # a tag given no mask: empty
+        ious = scores.add_photo(stem, {tag: (pred, gt == v) for tag, pred, v in zip(tags, preds, ids)},
+                                valid=valid, seconds=seconds)
+        photo = EvalPhoto(stem, ClassScores.photo_score(ious), seconds, image_path, mask_path, tags=ious)
+        if keep_masks:
+            photo.pred = np.zeros(gt.shape, np.uint8)
+            photo.gt = np.zeros(gt.shape, np.uint8)
+            for k, (pred, v) in enumerate(zip(preds, ids), start=1):
+                photo.pred[pred] = k
+                photo.gt[gt == v] = k
+            photo.cam_tag = min(ious, key=ious.get)
+            photo.cam = result.cams.get(photo.cam_tag)
+        run.photos.append(photo)
+    run.summary = scores.summary()
+    run.summary["photos_without_coverable_tags"] = bare
+    run.summary["not_coverable"] = {classes[v]: {"id": v, "photos": n, "reason": reasons[v]}
+                                    for v, n in sorted(missed.items(), key=lambda kv: (-kv[1], classes[kv[0]]))}
+    return run
+
+
+def format_class_summary(summary: dict, title: str = "") -> str:
+    """The human-readable report of class mode: the means, every scored class (worst first), the worst
+    photos and the tags that are not coverable (with their numbers of photos)."""
+    lines = [title] if title else []
+
+    def num(v):
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    missing = summary.get("not_coverable", {})
+    if not summary.get("n"):
+        lines.append("no photo could be scored")
+    else:
+        bare = summary.get("photos_without_coverable_tags", 0)
+        lines += [
+            f"  photos            {summary['n']}" + (f"   ({bare} more without a coverable tag)" if bare else ""),
+            f"  classes           {summary['n_classes']} scored, {len(missing)} not coverable",
+            f"  mean fg IoU       {num(summary['mean_fg_iou'])}   per class fg IoU over its pixels, mean over classes",
+            f"  mean bg IoU       {num(summary['mean_bg_iou'])}",
+            f"  mean IoU          {num(summary['miou'])}   per class (bg + fg) / 2, mean over classes",
+            f"  mean photo score  {num(summary['mean_photo_score'])}   photos' mean tag fg IoU, averaged",
+            f"  box IoU           {num(summary['box_iou'])}   per class, mean over classes",
+            f"  seconds / photo   {num(summary['seconds_per_photo'])}",
+            "  per class, worst first: fg IoU, box IoU, photos",
+        ]
+        width = max(len(name) for name in summary["classes"])
+        for name, c in sorted(summary["classes"].items(), key=lambda kv: (kv[1]["fg_iou"], kv[0])):
+            lines.append(f"    {name:{width}s}  {num(c['fg_iou'])}  {num(c['box_iou'])}  {c['photos']}")
+        worst = summary.get("worst") or []
+        if worst:
+            lines.append("  worst photos      " + ", ".join(f"{name} {v:.3f}" for name, v in worst[:5]))
+    if missing:
+        lines.append("  not coverable     " + ", ".join(f"{name} ({c['photos']})" for name, c in missing.items())
+                     + "   (photos; reasons in --json / --report)")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict, title: str = "") -> str:
     """The human-readable report printed by ``tag2mask eval``."""
     lines = [title] if title else []
@@ -166,12 +406,57 @@ def _plain(obj):
     return obj.tolist() if hasattr(obj, "tolist") else str(obj)
 
 
+def _ignore_values(text: str | None) -> list[int]:
+    from backend.cli import UsageError
+
+    values = []
+    for item in (text or "").replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.lstrip("-").isdigit():
+            raise UsageError(f"--ignore: {item!r} is not a class id (give whole numbers, e.g. --ignore 255 or 0,255)")
+        values.append(int(item))
+    return values
+
+
+def _check_mode(args) -> None:
+    """Binary mode needs --tag; class mode needs --classes and one source of tags."""
+    from backend.cli import UsageError
+
+    classes, tag = getattr(args, "classes", None), getattr(args, "tag", None)
+    if classes and tag:
+        raise UsageError("give either --tag (binary masks) or --classes (class-id masks), not both")
+    if not classes and not tag:
+        raise UsageError("give --tag T for binary masks (non-zero = the object), "
+                         "or --classes FILE with --tags-csv FILE or --tags-from-mask for class-id masks")
+    tags_csv, from_mask = getattr(args, "tags_csv", None), getattr(args, "tags_from_mask", False)
+    if classes:
+        if bool(tags_csv) == bool(from_mask):
+            raise UsageError("with --classes, give the photos' tags with --tags-csv FILE or --tags-from-mask "
+                             "(one of them)")
+    elif tags_csv or from_mask or getattr(args, "ignore", None):
+        raise UsageError("--tags-csv, --tags-from-mask and --ignore go with --classes (class-id masks)")
+
+
 def run_eval(args) -> int:
     """The command: parse-level checks -> usage errors (2); any failed photo -> 1."""
     from backend.cli import UsageError, check_tags, make_engine
 
+    _check_mode(args)
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
+    classes = photo_tags = None
+    ignore = _ignore_values(getattr(args, "ignore", None))
+    if args.classes:
+        try:
+            classes = read_classes(args.classes)
+            if args.tags_csv:
+                photo_tags = read_photo_tags(args.tags_csv, classes)
+        except FileNotFoundError as exc:
+            raise UsageError(f"{exc.filename}: no such file") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(str(exc)) from None
     try:
         pairs, errors = find_pairs(args.images, args.masks, args.split, args.limit)
     except FileNotFoundError as exc:
@@ -179,26 +464,41 @@ def run_eval(args) -> int:
     if not pairs and not errors:
         raise UsageError(f"--images {args.images}: no photos to evaluate")
     engine = make_engine(args)
-    check_tags(engine, [args.tag], "--tag")
+    if classes is None:
+        check_tags(engine, [args.tag], "--tag")
     for e in errors:
         print(f"tag2mask: error: {e.error}", file=sys.stderr)
     report_dir = getattr(args, "report", None)
-    run = evaluate(engine, pairs, args.tag, progress=not args.quiet, keep_masks=bool(report_dir))
+    if classes is None:
+        run = evaluate(engine, pairs, args.tag, progress=not args.quiet, keep_masks=bool(report_dir))
+        what = f"tag {args.tag!r}"
+    else:
+        run = evaluate_classes(engine, pairs, classes, photo_tags, ignore, progress=not args.quiet,
+                               keep_masks=bool(report_dir))
+        what = f"classes {Path(args.classes).name}" + (f", ignoring {','.join(map(str, ignore))}" if ignore else "")
     run.errors[:0] = errors
-    meta = {"tag": args.tag, "backbone": args.backbone, "preset": args.preset, "device": str(engine.backbone.device),
+    meta = {"backbone": args.backbone, "preset": args.preset, "device": str(engine.backbone.device),
             "errors": [e.error for e in run.errors]}
+    meta = {"tag": args.tag, **meta} if classes is None else \
+        {"classes_file": str(args.classes), "tags": str(args.tags_csv) if args.tags_csv else "from the masks",
+         "ignore": ignore, **meta}
+    title = f"tag2mask eval: {what}, {args.backbone}, preset {args.preset}, {meta['device']}"
     if args.json:
         out = dict(run.summary)
-        out["worst"] = [[name, round(float(iou), 4)] for name, iou in out.get("worst", [])]
+        for key in ("worst", "worst_classes"):
+            if key in out:
+                out[key] = [[name, round(float(v), 4)] for name, v in out[key]]
+        if classes is not None:
+            out["photos"] = [{"name": p.name, "score": round(p.iou, 4), "seconds": round(p.seconds, 3),
+                              "tags": {t: round(v, 4) for t, v in p.tags.items()}} for p in run.photos]
         print(json.dumps({**out, **meta}, indent=1, default=_plain))
     else:
-        print(format_summary(run.summary, f"tag2mask eval: tag {args.tag!r}, {args.backbone}, preset "
-                                          f"{args.preset}, {meta['device']}"))
+        print(format_summary(run.summary, title) if classes is None else format_class_summary(run.summary, title))
         if run.errors:
             print(f"  failed photos     {len(run.errors)}")
     if report_dir:
         from backend.eval_report import write_report
 
-        index = write_report(run, report_dir, args.tag, f"tag {args.tag!r}, {args.backbone}, preset {args.preset}")
+        index = write_report(run, report_dir, what, f"{what}, {args.backbone}, preset {args.preset}")
         print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 1 if run.errors or not run.photos else 0

@@ -5,8 +5,13 @@ heat map over the photo, the predicted mask and the ground-truth mask as coloure
 their outlines. The page lists the summary scores and one row per photo (name, fg IoU, seconds),
 so a person sees at a glance where and how the masks fail (clutter, thin legs, several objects...).
 
+Class mode (a run of :func:`backend.eval_cmd.evaluate_classes`): photos are ranked by their score (the
+mean fg IoU of their tags); the masks are drawn one colour per tag (the same colour in prediction and
+truth, named in the photo's row with each tag's IoU), the CAM is that of the photo's worst tag, and the
+page adds the table of classes, worst first, and the tags that are not coverable, with the reasons.
+
     run = evaluate(engine, pairs, "horse", keep_masks=True)
-    write_report(run, "report/", tag="horse", per_group=3)    # -> report/index.html, report/*.png
+    write_report(run, "report/", "tag 'horse'", per_group=3)    # -> report/index.html, report/*.png
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["pick_photos", "write_report", "overlay_mask", "overlay_heatmap"]
+__all__ = ["pick_photos", "write_report", "overlay_mask", "overlay_labels", "overlay_heatmap"]
 
 MAX_SIDE = 320      # the PNGs' long side, pixels
+TAG_COLORS = [(230, 25, 75), (60, 180, 75), (67, 99, 216), (245, 130, 49), (145, 30, 180), (66, 212, 244),
+              (240, 50, 230), (191, 239, 69), (154, 99, 36), (0, 0, 117), (128, 128, 0), (128, 0, 0)]
 
 
 def pick_photos(photos: Sequence, per_group: int = 3) -> list[tuple[str, list]]:
@@ -60,6 +67,32 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int
     return out
 
 
+def overlay_labels(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB photo with each label k > 0 of an (H, W) label map tinted in ``TAG_COLORS[k - 1]`` (cycling)."""
+    out = image
+    for k in np.unique(labels):
+        if k > 0:
+            out = overlay_mask(out, labels == k, TAG_COLORS[(int(k) - 1) % len(TAG_COLORS)])
+    return out
+
+
+def _swatch(k: int) -> str:
+    r, g, b = TAG_COLORS[k % len(TAG_COLORS)]
+    return f'<span style="color:#{r:02x}{g:02x}{b:02x}">&#9632;</span>'
+
+
+def _class_section(summary: dict) -> str:
+    """Class mode: the classes, worst first, and the tags that are not coverable."""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{c['fg_iou']:.3f}</td><td>{c['box_iou']:.3f}</td>"
+                   f"<td>{c['photos']}</td></tr>"
+                   for name, c in sorted(summary["classes"].items(), key=lambda kv: (kv[1]["fg_iou"], kv[0])))
+    missing = "".join(f"<li><b>{html.escape(name)}</b> ({c['photos']} photos): {html.escape(c['reason'])}</li>"
+                      for name, c in summary.get("not_coverable", {}).items())
+    return (f"<h2>Classes, worst first</h2><table class=\"classes\"><tr><th>class</th><th>fg IoU</th><th>box IoU</th>"
+            f"<th>photos</th></tr>{rows}</table>"
+            + (f"<h2>Tags that are not coverable (left out of every mean)</h2><ul>{missing}</ul>" if missing else ""))
+
+
 def overlay_heatmap(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     """RGB photo blended with a jet colour map of a [0, 1] map of the same size."""
     heat = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
@@ -71,11 +104,12 @@ def _save(path: Path, rgb: np.ndarray) -> None:
         raise OSError(f"cannot write {path}")
 
 
-def write_report(run, out_dir: str | Path, tag: str, title: str = "", per_group: int = 3) -> Path:
+def write_report(run, out_dir: str | Path, what: str, title: str = "", per_group: int = 3) -> Path:
     """Write ``out_dir/index.html`` and its PNGs for an :class:`backend.eval_cmd.EvalRun` made with
-    ``keep_masks=True``; returns the page's path. Up to `per_group` photos per group (fewer when
-    there are fewer than 3 x per_group photos, so that every group shows)."""
-    from backend.eval_cmd import format_summary
+    ``keep_masks=True``; returns the page's path. `what` heads the page ("tag 'horse'", "classes
+    classes.txt"). Up to `per_group` photos per group (fewer when there are fewer than 3 x per_group
+    photos, so that every group shows)."""
+    from backend.eval_cmd import format_class_summary, format_summary
     from explainers.imageio import load_image
 
     out = Path(out_dir)
@@ -88,8 +122,17 @@ def write_report(run, out_dir: str | Path, tag: str, title: str = "", per_group:
         for p in photos:
             image = load_image(p.image)
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in p.name)
-            files = {"photo": image, "mask": overlay_mask(image, p.pred, (255, 40, 40)),
-                     "truth": overlay_mask(image, p.gt, (40, 200, 40))}
+            tags = getattr(p, "tags", None)
+            if tags is None:
+                files = {"photo": image, "mask": overlay_mask(image, p.pred, (255, 40, 40)),
+                         "truth": overlay_mask(image, p.gt, (40, 200, 40))}
+                info = f"fg IoU {p.iou:.3f}"
+            else:
+                files = {"photo": image, "mask": overlay_labels(image, p.pred), "truth": overlay_labels(image, p.gt)}
+                info = f"score {p.iou:.3f}" + "".join(f"<br>{_swatch(k)} {html.escape(t)} {v:.3f}"
+                                                      for k, (t, v) in enumerate(tags.items()))
+                if p.cam_tag:
+                    info += f"<br>CAM: {html.escape(p.cam_tag)}"
             cam = getattr(p, "cam", None)
             files["cam"] = overlay_heatmap(image, cam) if cam is not None else image
             names = {}
@@ -98,20 +141,27 @@ def write_report(run, out_dir: str | Path, tag: str, title: str = "", per_group:
                 _save(out / names[kind], files[kind])
             cells = "".join(f'<td><img src="{html.escape(names[k])}" alt="{k} of {html.escape(p.name)}"></td>'
                             for k in ("photo", "cam", "mask", "truth"))
-            rows.append(f"<tr><td>{html.escape(p.name)}<br>fg IoU {p.iou:.3f}<br>{p.seconds:.2f} s</td>{cells}</tr>")
-    summary = format_summary(run.summary, title)
+            rows.append(f"<tr><td>{html.escape(p.name)}<br>{info}<br>{p.seconds:.2f} s</td>{cells}</tr>")
+    class_mode = "classes" in run.summary
+    summary = (format_class_summary if class_mode else format_summary)(run.summary, title)
+    extra = _class_section(run.summary) if class_mode and run.summary.get("n") else ""
+    ranking = "score (the mean fg IoU of the photo's tags)" if class_mode else "foreground IoU"
+    colours = ("predicted masks and ground truth in one colour per tag; the CAM is that of the photo's worst tag"
+               if class_mode else "predicted mask (red); ground truth (green)")
     errors = "".join(f"<li>{html.escape(e.error)}</li>" for e in getattr(run, "errors", []))
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>tag2mask eval: {html.escape(tag)}</title>
+<html><head><meta charset="utf-8"><title>tag2mask eval: {html.escape(what)}</title>
 <style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:4px}} img{{max-width:320px}}
-th.group{{text-align:left;background:#eee;padding:6px}} pre{{background:#f6f6f6;padding:8px}}</style></head>
-<body><h1>tag2mask eval: tag {html.escape(tag)!s}</h1>
+th.group{{text-align:left;background:#eee;padding:6px}} pre{{background:#f6f6f6;padding:8px}}
+table.classes td{{padding:1px 8px}}</style></head>
+<body><h1>tag2mask eval: {html.escape(what)}</h1>
 <pre>{html.escape(summary)}</pre>
-<p>Best, median and worst photos by foreground IoU. Columns: photo; CAM heat map (red = strong);
-predicted mask (red); ground truth (green).</p>
+<p>Best, median and worst photos by {ranking}. Columns: photo; CAM heat map (red = strong);
+{colours}.</p>
 <table><tr><th>photo</th><th>photo</th><th>CAM</th><th>predicted mask</th><th>ground truth</th></tr>
 {chr(10).join(rows)}
 </table>
+{extra}
 {f"<h2>Failed photos</h2><ul>{errors}</ul>" if errors else ""}
 </body></html>
 """

@@ -1,8 +1,14 @@
-"""Scores of predicted masks against ground truth: IoU, box IoU, and a running accumulator.
+"""Scores of predicted masks against ground truth: IoU, box IoU, and running accumulators.
 
 Conventions: masks are boolean (H, W) arrays (anything non-zero is foreground); boxes are
 (x0, y0, x1, y1) in pixels, x0/y0 inclusive and x1/y1 exclusive, so a one-pixel box is (x, y, x+1, y+1).
 IoU of two empty sets is 1.0 (both agree there is nothing), and the box of an empty mask is None.
+A `valid` mask (optional) leaves the other pixels (e.g. "void" in the ground truth) out of every count.
+
+- :class:`SegmentationScore`: one tag over many photos (fg / bg IoU pooled over pixels, box IoU, worst photos);
+- :class:`ClassScores`: many classes over many photos, one :class:`SegmentationScore` per class, fed with
+  the predicted mask of each tag of a photo and the ground-truth mask of that class; classes are then
+  averaged with equal weight (mean fg IoU, mIoU), and each photo gets the mean of its tags' IoUs.
 """
 from __future__ import annotations
 
@@ -88,11 +94,19 @@ class SegmentationScore:
     def n(self) -> int:
         return len(self.photo_ious)
 
-    def add(self, pred: np.ndarray, gt: np.ndarray, seconds: float | None = None, name: str | None = None) -> float:
-        """Score one photo; returns its foreground IoU. `seconds`: time spent on it, if measured."""
+    def add(self, pred: np.ndarray, gt: np.ndarray, seconds: float | None = None, name: str | None = None,
+            valid: np.ndarray | None = None) -> float:
+        """Score one photo; returns its foreground IoU. `seconds`: time spent on it, if measured.
+        `valid`: the pixels to score (default: all); the others count for nothing, boxes included."""
         pred, gt = _pair(pred, gt)
+        if valid is not None:
+            valid = _pair(valid, gt)[0]
+            pred, gt = pred & valid, gt & valid
         fg_i, fg_u = int(np.count_nonzero(pred & gt)), int(np.count_nonzero(pred | gt))
-        bg_i, bg_u = int(np.count_nonzero(~pred & ~gt)), int(np.count_nonzero(~pred | ~gt))
+        if valid is None:
+            bg_i, bg_u = int(np.count_nonzero(~pred & ~gt)), int(np.count_nonzero(~pred | ~gt))
+        else:
+            bg_i, bg_u = int(np.count_nonzero(valid & ~pred & ~gt)), int(np.count_nonzero(valid & (~pred | ~gt)))
         self.fg_inter += fg_i
         self.fg_union += fg_u
         self.bg_inter += bg_i
@@ -122,4 +136,74 @@ class SegmentationScore:
             "seconds_per_photo": float(np.mean(self.seconds)) if self.seconds else None,
             "n": self.n,
             "worst": ranked[:worst],
+        }
+
+
+class ClassScores:
+    """Accumulates per-class scores over photos with several tags (class-id ground truth).
+
+    For each photo, :meth:`add_photo` takes, per tag (= class), the predicted mask of that tag and the
+    ground-truth mask of that class; each class pools its pixels over the photos it was asked on (as
+    :class:`SegmentationScore`). :meth:`summary` averages the classes with equal weight, so a rare
+    class counts as much as a frequent one.
+    """
+
+    def __init__(self) -> None:
+        self.classes: dict[str, SegmentationScore] = {}
+        self.photos: list[tuple[str, dict[str, float]]] = []
+        self.seconds: list[float] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.photos)
+
+    def add_photo(self, name: str, masks: dict[str, tuple[np.ndarray, np.ndarray]], valid: np.ndarray | None = None,
+                  seconds: float | None = None) -> dict[str, float]:
+        """Score one photo: `masks` = {class name: (predicted mask, ground-truth mask)}, `valid` as in
+        :meth:`SegmentationScore.add`. Returns {class name: fg IoU on this photo}."""
+        if not masks:
+            raise ValueError(f"photo {name!r}: no class to score")
+        ious = {}
+        for cls, (pred, gt) in masks.items():
+            ious[cls] = self.classes.setdefault(cls, SegmentationScore()).add(pred, gt, name=name, valid=valid)
+        self.photos.append((name, ious))
+        if seconds is not None:
+            self.seconds.append(float(seconds))
+        return ious
+
+    @staticmethod
+    def photo_score(ious: dict[str, float]) -> float:
+        """A photo's one number: the mean fg IoU of its tags."""
+        return float(np.mean(list(ious.values())))
+
+    def summary(self, worst: int = 5) -> dict:
+        """n (photos), n_classes, mean_fg_iou / mean_bg_iou / miou / box_iou (means over classes of each
+        class's pooled fg IoU, bg IoU, (fg + bg) / 2 and mean box IoU), mean_photo_score (photos' mean tag
+        IoU, averaged), seconds_per_photo, classes {name: the class's SegmentationScore summary without
+        its worst list, plus "photos"}, worst_classes [(name, fg IoU)] and worst [(photo, score)], lowest
+        first. NaN (seconds_per_photo: None) when nothing was added."""
+        nan = math.nan
+        per_class = {}
+        for cls, score in sorted(self.classes.items()):
+            s = score.summary(worst=0)
+            per_class[cls] = {"fg_iou": s["fg_iou"], "bg_iou": s["bg_iou"], "miou": s["miou"],
+                              "box_iou": s["box_iou"], "mean_photo_fg_iou": s["mean_photo_fg_iou"], "photos": s["n"]}
+
+        def mean_of(key: str) -> float:
+            return float(np.mean([c[key] for c in per_class.values()])) if per_class else nan
+
+        scores = [(name, self.photo_score(ious)) for name, ious in self.photos]
+        return {
+            "n": self.n,
+            "n_classes": len(per_class),
+            "mean_fg_iou": mean_of("fg_iou"),
+            "mean_bg_iou": mean_of("bg_iou"),
+            "miou": mean_of("miou"),
+            "box_iou": mean_of("box_iou"),
+            "mean_photo_score": float(np.mean([v for _, v in scores])) if scores else nan,
+            "seconds_per_photo": float(np.mean(self.seconds)) if self.seconds else None,
+            "classes": per_class,
+            "worst_classes": sorted(((c, v["fg_iou"]) for c, v in per_class.items()),
+                                    key=lambda kv: (kv[1], kv[0]))[:worst],
+            "worst": sorted(scores, key=lambda kv: (kv[1], kv[0]))[:worst],
         }

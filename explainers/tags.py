@@ -13,8 +13,12 @@ gets 1 and 3. A plural ("horses", "buses") is tried as its singular when nothing
 
 The mapping lives in ``explainers/data/tag_map.json``, generated and checked against torchvision's
 class names by ``scripts/make_tag_map.py`` (its docstring, and the JSON's ``notes``, give the choices:
-big cats are not "cat", zebra is not "horse", ...). ImageNet-1k has no class for some common tags
-(person, giraffe, ...): those raise :class:`UnknownTagError` saying so.
+big cats are not "cat", zebra is not "horse", ...). Where ImageNet-1k has no class of a tag's name but
+one fits, the tag's group holds the nearest classes ("oven" -> stove, "donut" -> bagel); the reason is
+:func:`nearest_reason`. Tags it has no class for at all (person, giraffe, sky, grass, the toy "kite" ...)
+are refused on purpose: they raise :class:`~explainers.errors.RefusedTagError` (an
+:class:`UnknownTagError`) with a sentence saying why (:func:`refusal_reason`); other unknown tags raise
+:class:`UnknownTagError` with close matches.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from explainers.errors import UnknownTagError
+from explainers.errors import RefusedTagError, UnknownTagError
 
 TAG_MAP_PATH = Path(__file__).resolve().parent / "data" / "tag_map.json"
 SOURCES = ("imagenet", "synonym", "group", "extra")
@@ -137,15 +141,44 @@ def _suggestions(key: str, cats: tuple[str, ...], is_imagenet: bool, extra_keys:
     return list(dict.fromkeys(pool[c] for c in close))
 
 
+def refusal_reason(tag: str) -> str | None:
+    """Why the ImageNet-1k classifier refuses `tag` (a sentence), or None when it is not refused on purpose.
+    A plural is looked up as its singular ("persons" -> "person")."""
+    doc = tag_map()["unsupported"]
+    key = normalise(tag)
+    for k in (key, key[:-1] if key.endswith("s") else "", key[:-2] if key.endswith("es") else ""):
+        if k and k in doc:
+            hint = doc[k]
+            return doc[hint[5:-1]] if hint.startswith("see ") else hint
+    return None
+
+
+def _refused(tag: str, key: str) -> RefusedTagError | None:
+    reason = refusal_reason(key)
+    if reason is None:
+        return None
+    return RefusedTagError(f"tag {tag!r} has no class in the ImageNet-1k classifier: {reason}",
+                           tag=tag, reason=reason)
+
+
+def nearest_reason(tag: str) -> str | None:
+    """Why a tag maps to the nearest ImageNet-1k classes rather than a class of its name ("oven" -> stove),
+    with what the classifier gives on the dev photos; None for other tags. Synonyms and plurals
+    ("doughnuts") too."""
+    try:
+        resolved = resolve_tag(tag)
+    except UnknownTagError:
+        return None
+    if resolved.source not in ("group", "synonym"):
+        return None
+    return tag_map().get("nearest", {}).get(resolved.canonical)
+
+
 def _unknown(tag: str, key: str, cats: tuple[str, ...], is_imagenet: bool, extra_keys: Iterable[str]) -> UnknownTagError:
     doc = tag_map()
-    singular = [k for k in (key, key[:-1] if key.endswith("s") else "", key[:-2] if key.endswith("es") else "")
-                if k in doc["unsupported"]]
-    if is_imagenet and singular:
-        hint = doc["unsupported"][singular[0]]
-        if hint.startswith("see "):
-            hint = doc["unsupported"][hint[5:-1]]
-        return UnknownTagError(f"tag {tag!r} has no class in the ImageNet-1k classifier: {hint}")
+    refused = _refused(tag, key) if is_imagenet else None
+    if refused is not None:
+        return refused
     if not is_imagenet and (key in doc["groups"] or key in doc["synonyms"]):
         return UnknownTagError(f"tag {tag!r} is a group of ImageNet-1k classes, but this classifier has "
                                f"{len(cats)} other classes; use one of its class names or give the classes explicitly")
@@ -168,7 +201,8 @@ def resolve_tag(tag: str, categories: Sequence[str] | None = None,
 
     `categories`: the classifier's class names (default: ImageNet-1k's 1000). `extra`: tag -> class
     names (a list, or one comma-separated string), taking precedence over everything else.
-    Raises UnknownTagError (with close matches) when the tag matches nothing.
+    Raises RefusedTagError (ImageNet-1k only) for a tag it has no class for on purpose ("person",
+    "sky", "kite"), with the reason, and UnknownTagError (with close matches) when the tag matches nothing.
     """
     label = " ".join(str(tag).split())
     key = normalise(tag)
@@ -203,6 +237,8 @@ def resolve_tag(tag: str, categories: Sequence[str] | None = None,
             group = _lookup_group(attempt)
             if group is not None:
                 return _result(label, group[0], cats, group[1], group[2])
+            if attempt in tag_map()["unsupported"]:   # before class names: "kite" (the toy) is not class 21
+                raise _refused(label, attempt)
         i = _class_index(label if attempt == key else attempt, cats)
         if i is not None:
             return _result(label, [i], cats, "imagenet", cats[i])
@@ -244,7 +280,8 @@ def group_tags() -> list[str]:
 
 
 def unsupported_tags() -> dict[str, str]:
-    """Tags that ImageNet-1k has no class for, with the reason."""
+    """Tags that ImageNet-1k has no class for, refused on purpose, with the reason (as stored: an entry may
+    read "see 'person'"; :func:`refusal_reason` follows it)."""
     return dict(tag_map()["unsupported"])
 
 

@@ -132,3 +132,58 @@ def test_real_weizmann_masks(horse_dir):
     assert out["box_iou"] == 1.0  # both predictions have the ground truth's box
     assert out["fg_iou"] == pytest.approx(2 * gt.sum() / (boxed.sum() + gt.sum()))
     assert out["worst"][0][0] == stem
+
+
+# --- void pixels and several classes ----------------------------------------------------------------
+
+def test_valid_pixels_leave_the_rest_out_by_hand():
+    s = SegmentationScore()
+    valid = np.ones((4, 4), bool)
+    valid[:, 3] = False  # the last column is void
+    # fg: top rows (8 px) vs left columns (8 px), without column 3: pred 6 px, gt 8 px, overlap 4 -> 4 / 10
+    # bg (valid only): pred bg = rows 2-3, cols 0-2 (6 px); gt bg = cols 2 (4 px): overlap 2, union 8
+    assert s.add(_top_rows(), _left_cols(), valid=valid) == pytest.approx(4 / 10)
+    out = s.summary()
+    assert out["fg_iou"] == pytest.approx(4 / 10) and out["bg_iou"] == pytest.approx(2 / 8)
+    assert out["box_iou"] == pytest.approx((2 * 2 + 0) / (3 * 2 + 2 * 4 - 2 * 2))  # (0,0,3,2) vs (0,0,2,4)
+    assert SegmentationScore().add(_top_rows(), _left_cols(), valid=np.ones((4, 4), bool)) == pytest.approx(1 / 3)
+
+
+def test_class_scores_pool_pixels_per_class_then_average_classes():
+    from explainers.metrics import ClassScores
+
+    s = ClassScores()
+    # photo p (4x4): cat = top rows vs left columns (4 / 12); dog predicted nowhere, 2 gt pixels (0 / 2)
+    dog_gt = np.zeros((4, 4), bool)
+    dog_gt[3, 2:] = True
+    empty = np.zeros((4, 4), bool)
+    ious = s.add_photo("p", {"cat": (_top_rows(), _left_cols()), "dog": (empty, dog_gt)}, seconds=1.0)
+    assert ious == {"cat": pytest.approx(1 / 3), "dog": 0.0}
+    # photo q (4x4, column 3 void): cat = the same masks -> 4 / 10 (see above)
+    valid = np.ones((4, 4), bool)
+    valid[:, 3] = False
+    ious = s.add_photo("q", {"cat": (_top_rows(), _left_cols())}, valid=valid, seconds=3.0)
+    assert ious == {"cat": pytest.approx(0.4)}
+    out = s.summary()
+    assert out["n"] == 2 and out["n_classes"] == 2
+    cat, dog = out["classes"]["cat"], out["classes"]["dog"]
+    assert cat["fg_iou"] == pytest.approx((4 + 4) / (12 + 10)) and cat["photos"] == 2  # pooled, not averaged
+    assert cat["mean_photo_fg_iou"] == pytest.approx((1 / 3 + 0.4) / 2)
+    assert dog["fg_iou"] == 0.0 and dog["photos"] == 1 and dog["box_iou"] == 0.0
+    assert dog["bg_iou"] == pytest.approx(14 / 16)
+    assert out["mean_fg_iou"] == pytest.approx((8 / 22 + 0) / 2)  # classes weigh the same
+    assert out["miou"] == pytest.approx(((cat["fg_iou"] + cat["bg_iou"]) / 2 + (0 + 14 / 16) / 2) / 2)
+    assert out["box_iou"] == pytest.approx((cat["box_iou"] + 0) / 2)
+    assert out["mean_photo_score"] == pytest.approx(((1 / 3 + 0) / 2 + 0.4) / 2)
+    assert out["seconds_per_photo"] == pytest.approx(2.0)
+    assert out["worst_classes"] == [("dog", 0.0), ("cat", pytest.approx(8 / 22))]
+    assert [name for name, _ in out["worst"]] == ["p", "q"] and out["worst"][0][1] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="no class"):
+        s.add_photo("r", {})
+
+
+def test_empty_class_scores_are_nan():
+    from explainers.metrics import ClassScores
+
+    out = ClassScores().summary()
+    assert out["n"] == 0 and out["classes"] == {} and math.isnan(out["mean_fg_iou"]) and out["worst"] == []
