@@ -25,6 +25,10 @@ drops by more than ``tolerance``, and it does not lose a metric the current one 
 ``force=True`` promotes anyway (recorded in the log). Scores of two versions are computed on their own
 validation splits; the split is a stable hash of example ids, so most of it is shared.
 
+Reading versions, metadata and the promoted version (``current``, ``versions``, ``meta``, ``list``,
+``promote``) does not import torch, so the web process can report model versions before the model
+has loaded; only ``save`` and ``load`` (checkpoints) import it.
+
 Writes are atomic (a version directory appears complete or not at all; state.json is replaced by
 rename) and serialised per project with a file lock, so several processes on one host can train and
 promote. Hosts that share only Redis need a store in front of this layout (a later step).
@@ -42,8 +46,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 __all__ = ["ModelRegistry", "Promotion", "RegistryError", "PROMOTION_METRICS", "compare_validation"]
 
@@ -154,6 +156,8 @@ class ModelRegistry:
     def save(self, project, checkpoint: dict, meta: dict | None = None) -> str:
         """Write a new version (not promoted). `checkpoint` must load with ``weights_only=True``
         (tensors, dicts, lists, str/int/float/bool/None); checked before the version appears."""
+        import torch
+
         meta = dict(meta or {})
         with self._locked(project) as pdir:
             tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=pdir))
@@ -192,6 +196,8 @@ class ModelRegistry:
 
     def load(self, project, version: str | None = None, map_location="cpu") -> tuple[dict, dict]:
         """(checkpoint, meta) of `version` (default: the promoted one); loaded with weights_only=True."""
+        import torch
+
         if version is None:
             version = self.current(project)
             if version is None:

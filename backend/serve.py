@@ -1,7 +1,16 @@
 """Run the backend under gunicorn: ``serve(host, port, workers, threads)`` or ``python -m backend.serve``.
 
 Each gunicorn worker builds its own app (``backend.server.create_app``) after the fork, so each
-process loads the model once (no torch state crosses a fork) and shares it between its threads.
+process loads the model once (no model, thread or CUDA state crosses a fork) and shares it between
+its threads.
+
+Cold start: before it listens, the master imports the modules the workers need
+(:func:`import_before_fork`): the web app's (``backend.server.prepare_routes``, torch-free) and,
+when the workers warm up a model, the pipeline's (torch; imported, never run). A worker then answers
+/health, /setup and /versions within milliseconds of its fork, also while its warm-up thread loads
+the model: importing torch there instead held the GIL for 0.2-0.5 s at a time (its libraries load
+in one call), so requests waited that long. /health says ``"model_state": "loading"`` meanwhile; a
+/predict waits for the load (a few seconds on CPU).
 
     python -m backend.serve --host 0.0.0.0 --port 9090 --workers 1 --threads 4
 
@@ -14,7 +23,7 @@ import os
 
 from backend.settings import Settings
 
-__all__ = ["serve", "main", "DEFAULT_PORT"]
+__all__ = ["serve", "main", "import_before_fork", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 9090
 
@@ -27,6 +36,7 @@ def serve(host: str = "0.0.0.0", port: int = DEFAULT_PORT, workers: int | None =
     settings = settings or Settings.from_env()
     workers = int(workers or settings.workers)
     threads = int(threads or settings.threads)
+    import_before_fork(settings)
 
     class _App(BaseApplication):
         def load_config(self):
@@ -55,6 +65,18 @@ def serve(host: str = "0.0.0.0", port: int = DEFAULT_PORT, workers: int | None =
             return create_app(settings)
 
     _App().run()
+
+
+def import_before_fork(settings: Settings) -> None:
+    """Import, in the gunicorn master, what the workers would import after their fork: the modules of
+    /health, /setup and /versions, and those of the model when the workers warm one up (inline mode,
+    TAG2MASK_WARMUP on). Only imports: no model is built and no torch operation runs here (so no
+    thread pool exists to be lost in the fork); in queue mode the web process never needs torch."""
+    from backend.server import prepare_routes
+
+    prepare_routes()
+    if settings.warmup and not settings.use_queue:
+        import explainers.segment.pipeline  # noqa: F401  (torch, cv2, the backbones' module)
 
 
 def main(argv: list[str] | None = None) -> None:

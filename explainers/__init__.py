@@ -1,8 +1,13 @@
 """explainers: explanation methods for CNN classifiers and the tags -> mask -> polygon pipeline.
 
 This package is a plain library: it knows nothing of Label Studio, Redis or HTTP.
+
+Importing it (or a torch-free part of it: ``explainers.errors``, ``explainers.imageio``,
+``explainers.segment.config``, ``explainers.segment.types``) does not import torch; the names that
+need torch (``load_backbone``, ``Backbone``, ``LayerRecorder``...) load their module on first use.
 """
-from explainers.backbones import Backbone, available_backbones, load_backbone
+from importlib import import_module
+
 from explainers.errors import (
     BackboneError,
     ExplainersError,
@@ -10,7 +15,15 @@ from explainers.errors import (
     LayerNotFoundError,
     UnknownTagError,
 )
-from explainers.hooks import LayerRecorder, get_layer, layer_names
+
+_LAZY = {   # name -> the module that defines it (imports torch)
+    "Backbone": "explainers.backbones",
+    "available_backbones": "explainers.backbones",
+    "load_backbone": "explainers.backbones",
+    "LayerRecorder": "explainers.hooks",
+    "get_layer": "explainers.hooks",
+    "layer_names": "explainers.hooks",
+}
 
 __all__ = [
     "Backbone",
@@ -25,3 +38,15 @@ __all__ = [
     "layer_names",
     "load_backbone",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,4 +1,10 @@
-"""Tags -> masks -> polygons/boxes: CAMs of a pretrained classifier, a dense CRF, clean-up, geometry."""
+"""Tags -> masks -> polygons/boxes: CAMs of a pretrained classifier, a dense CRF, clean-up, geometry.
+
+The settings (``PipelineConfig``...) and result types import without torch; ``Tag2Mask`` (the
+pipeline, which needs torch) loads :mod:`explainers.segment.pipeline` on first use.
+"""
+from importlib import import_module
+
 from explainers.segment.config import (
     BackgroundConfig,
     CAMConfig,
@@ -8,10 +14,23 @@ from explainers.segment.config import (
     PipelineConfig,
     PostprocessConfig,
 )
-from explainers.segment.pipeline import Tag2Mask
 from explainers.segment.types import Box, PhotoResult, Polygon, TagMask
+
+_LAZY = {"Tag2Mask": "explainers.segment.pipeline"}   # name -> the module that defines it (imports torch)
 
 __all__ = [
     "BackgroundConfig", "Box", "CAMConfig", "CRFConfig", "FusionConfig", "GeometryConfig", "PhotoResult", "PipelineConfig",
     "Polygon", "PostprocessConfig", "Tag2Mask", "TagMask",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
