@@ -3,6 +3,7 @@
     tag2mask label PATH... --tags horse[,dog] [--tags-csv FILE] --out DIR   pre-label photos for Label Studio
     tag2mask explain IMAGE --method gradcam [--layer L] [--tag T] --out FILE.png
     tag2mask eval --images DIR --masks DIR --tag horse [--split FILE] [--limit N] [--json] [--report DIR]
+    tag2mask eval --images DIR --masks DIR --classes FILE --tags-csv FILE|--tags-from-mask [--ignore 255] [...]
     tag2mask demo [--out demo-out]                                           bundled photos -> demo-out/index.html
     tag2mask serve [--host H] [--port P]                                     the Label Studio ML backend
     tag2mask worker [...]                                                    a job-queue worker (backend.worker)
@@ -129,7 +130,12 @@ def cmd_label(args) -> int:
     n = summary.ok + len(summary.errors)
     line = f"labelled {summary.ok} of {n} photos in {summary.seconds:.1f} s -> {out}/tasks.json"
     if summary.errors:
-        line += f"; {len(summary.errors)} failed (see {out}/errors.json)"
+        line += f"; {len(summary.errors)} failed"
+    if summary.tag_errors:
+        k = len(summary.tag_errors)
+        line += f"; {k} tag{'s' if k > 1 else ''} left out (no mask)"
+    if summary.errors or summary.tag_errors:
+        line += f" (see {out}/errors.json)"
     print(line)
     return summary.exit_status
 
@@ -263,11 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("eval", help="mask quality against ground-truth masks (IoU, box IoU, speed)",
-                       description="Segment photos with one tag and compare with ground-truth masks "
-                                   "(same stem, non-zero = object).")
+                       description="Segment photos and compare with ground-truth masks of the same stem: "
+                                   "binary masks with one --tag (non-zero = object), or class-id masks with "
+                                   "--classes and the photos' tags (per-class fg IoU, mean over classes).")
     p.add_argument("--images", required=True, metavar="DIR")
     p.add_argument("--masks", required=True, metavar="DIR")
-    p.add_argument("--tag", required=True, metavar="T")
+    p.add_argument("--tag", metavar="T", help="binary masks: the tag of the object")
+    p.add_argument("--classes", metavar="FILE",
+                   help="class-id masks: the classes table, 'id name' per line; the names are the tags")
+    p.add_argument("--tags-csv", metavar="FILE",
+                   help="with --classes: each photo's tags, rows 'image,name1;name2' or lines 'stem id id ...'")
+    p.add_argument("--tags-from-mask", action="store_true",
+                   help="with --classes: a photo's tags are the classes in its mask")
+    p.add_argument("--ignore", metavar="ID[,ID]",
+                   help="with --classes: mask ids left out of every count and of the tags, e.g. 255 (void)")
     p.add_argument("--split", metavar="FILE", help="file listing the photo stems to use (default: all photos)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N photos")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")

@@ -9,12 +9,16 @@ and for the whole batch::
 
     OUT/tasks.json            Label Studio import file: [{"data": {"image": ...}, "predictions": [...]}]
     OUT/label_config.xml      the labeling config the predictions were made for (paste it into the project)
-    OUT/summary.json          per photo: name, path, tags with scores and mask files, timings
-    OUT/errors.json           per failed photo: {"path", "error"} (an empty list when all went well)
+    OUT/summary.json          per photo: name, path, tags with scores and mask files, timings, tags left out
+    OUT/errors.json           per failed photo {"path", "error"}, per tag left out of a labelled photo
+                              {"path", "tag", "error"}, in the order they happened (empty: all went well)
 
 ``<name>`` is the photo's file stem, made unique with ``-2``, ``-3``... when two photos share a stem.
-A photo that cannot be used (missing, truncated, not an image, unknown tag, no tags) is one error
-entry; the others go on.
+A photo that cannot be used (missing, truncated, not an image, no tags, none of its tags usable) is
+one error entry; the others go on. A tag that cannot be segmented (no classifier class: "person" in
+``microwave;person;clock``) does not sink the photo's other tags: they are labelled, and the tag gets its
+own error entry (the reason and a hint, :data:`UNUSABLE_TAG_HINT`), also in the prediction's
+``"warnings"`` in tasks.json and the photo's ``"skipped"`` in summary.json.
 
 Public API::
 
@@ -23,6 +27,7 @@ Public API::
     config = label_config_for(["horse", "cup"])             # -> backend.label_config.LabelConfig
     summary = label_photos(photos, engine, out_dir, tags=["horse"], tags_map=tags_map, errors=errors)
     summary.ok, summary.errors, summary.exit_status         # exit_status: 0 all done, 1 some failed
+    summary.tag_errors                                      # [PhotoError(path, error, tag)]: tags left out
 """
 from __future__ import annotations
 
@@ -44,8 +49,11 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 __all__ = [
     "IMAGE_EXTENSIONS", "PhotoItem", "PhotoError", "PhotoRecord", "LabelSummary", "collect_photos",
     "read_tags_csv", "tags_for", "label_config_for", "image_url", "mask_filename", "label_photos",
-    "write_json",
+    "write_json", "UNUSABLE_TAG_HINT",
 ]
+
+UNUSABLE_TAG_HINT = ("Use one of the classifier's class names or a known tag instead "
+                     "(explainers.tags.known_tags() lists the known tags).")
 
 
 @dataclass
@@ -59,8 +67,17 @@ class PhotoItem:
 
 @dataclass
 class PhotoError:
+    """A photo that failed (`tag` None), or one tag left out of a photo that was labelled."""
+
     path: str
     error: str
+    tag: str | None = None
+
+    def to_json(self) -> dict:
+        """errors.json's entry: {"path", "error"}, or {"path", "tag", "error"} for a tag."""
+        if self.tag is None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "tag": self.tag, "error": self.error}
 
 
 @dataclass
@@ -75,13 +92,15 @@ class PhotoRecord:
     overlay: str
     timings: dict[str, float]
     seconds: float              # wall time of load + predict + writing
+    skipped: dict[str, str] = field(default_factory=dict)   # tag left out -> why (no mask, no result)
 
 
 @dataclass
 class LabelSummary:
     out: Path
     records: list[PhotoRecord] = field(default_factory=list)
-    errors: list[PhotoError] = field(default_factory=list)
+    errors: list[PhotoError] = field(default_factory=list)       # photos that failed
+    tag_errors: list[PhotoError] = field(default_factory=list)   # tags left out of labelled photos
     seconds: float = 0.0
 
     @property
@@ -90,7 +109,8 @@ class LabelSummary:
 
     @property
     def exit_status(self) -> int:
-        return 1 if self.errors else 0
+        """1 when a photo failed or a tag was left out, else 0."""
+        return 1 if self.errors or self.tag_errors else 0
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -245,7 +265,7 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
     """
     from tqdm import tqdm
 
-    from backend.ls_results import make_prediction
+    from backend.ls_results import make_prediction, no_usable_tag_message, skipped_notes
     from explainers.errors import ExplainersError
     from explainers.imageio import load_image
     from explainers.visualize import mask_overlay, save_png
@@ -256,9 +276,16 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
     summary = LabelSummary(out=out)
     bar = tqdm(total=len(photos), unit="photo", desc="label", disable=not progress, file=sys.stderr)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    reported: list[PhotoError] = []       # errors.json: photos and tags, in order
 
     def fail(path, message: str) -> None:
         summary.errors.append(PhotoError(str(path), message))
+        reported.append(summary.errors[-1])
+        say(f"error: {message}")
+
+    def left_out(path, tag: str, message: str) -> None:
+        summary.tag_errors.append(PhotoError(str(path), message, tag=tag))
+        reported.append(summary.tag_errors[-1])
         say(f"error: {message}")
 
     for e in errors:
@@ -274,13 +301,13 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
         try:
             if not photo_tags:
                 raise ValueError(f"{item.path}: no tags for this photo (give --tags or a --tags-csv row)")
-            for tag in photo_tags:
-                try:
-                    engine.class_set(tag)
-                except ExplainersError as exc:
-                    raise ValueError(f"{item.path}: {exc}") from None
+            usable, skipped = engine.split_tags(photo_tags)
+            if not usable:
+                raise ValueError(f"{item.path}: "
+                                 + no_usable_tag_message(skipped, "the photo's tags", UNUSABLE_TAG_HINT))
             image = load_image(item.path)
-            result = engine.predict(image, photo_tags)
+            result = engine.predict(image, usable)
+            result.skipped = {**skipped, **result.skipped}
             folder = out / item.name
             folder.mkdir(parents=True, exist_ok=True)
             tag_rows = []
@@ -300,11 +327,13 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
                                    boxes={tm.tag: tm.boxes for tm in result.tags})
             save_png(folder / "overlay.png", overlay)
             tasks.append({"data": {config.image_key: image_url(item, image_root_url)},
-                          "predictions": [make_prediction(result, config, version)]})
+                          "predictions": [make_prediction(result, config, version, hint=UNUSABLE_TAG_HINT)]})
             summary.records.append(PhotoRecord(
                 name=item.name, path=str(item.path), width=result.width, height=result.height, tags=tag_rows,
                 overlay=f"{item.name}/overlay.png", timings={k: round(v, 4) for k, v in result.timings.items()},
-                seconds=round(time.perf_counter() - t0, 4)))
+                seconds=round(time.perf_counter() - t0, 4), skipped=dict(result.skipped)))
+            for tag, note in zip(result.skipped, skipped_notes(result, UNUSABLE_TAG_HINT, capital=False)):
+                left_out(item.path, tag, f"{item.path}: {note}")
         except (ExplainersError, ValueError, OSError) as exc:
             fail(item.path, str(exc) if str(item.path) in str(exc) else f"{item.path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - an unexpected failure of one photo must not stop the batch
@@ -314,7 +343,7 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
 
     summary.seconds = time.perf_counter() - start
     write_json(out / "tasks.json", tasks)
-    write_json(out / "errors.json", [asdict(e) for e in summary.errors])
+    write_json(out / "errors.json", [e.to_json() for e in reported])
     write_json(out / "summary.json", {"model_version": version, "seconds": round(summary.seconds, 3),
                                       "photos": [asdict(r) for r in summary.records]})
     (out / "label_config.xml").write_text(config.xml.strip() + "\n", encoding="utf-8")

@@ -8,7 +8,9 @@ Public API::
     cfg = parse_label_config(DEFAULT_LABEL_CONFIG)
     items = photo_to_results(photo, cfg)             # list of result dicts (all controls of cfg)
     pred = make_prediction(photo, cfg, "tag2mask-…")  # {"result": items, "score": photo.score,
-                                                     #  "model_version": "tag2mask-…"}
+                                                     #  "model_version": "tag2mask-…"[, "warnings": [...]]}
+    notes = skipped_notes(photo)                     # one sentence per tag left out (photo.skipped)
+    msg = no_usable_tag_message(photo_skipped)       # the error of a photo none of whose tags can be segmented
     rle = mask_to_rle(mask)                          # bool/0-1/0-255 (H, W) -> list[int] (LS brush RLE)
     mask = decode_rle(rle, h, w)                     # -> bool (H, W); inverse of mask_to_rle
 
@@ -26,6 +28,13 @@ Which TagMask goes to which control: a TagMask's ``tag`` is matched to each cont
 (exactly, then case-insensitively; ``tag_to_label`` can map engine tags to label values first). A
 control only receives the tags among its own labels. Choices with ``choice="single"`` get only the
 best-scoring tag. Empty masks produce no brush item; region ``id``s are unique (random, 10 chars).
+
+Tags left out of the photo (``PhotoResult.skipped``: no classifier class, no trained head) travel as
+``"warnings"``: one sentence per tag, its reason and a hint (:data:`UNUSABLE_TAG_HINT`), next to the
+"result" of the tags that were segmented. The key is there only when a tag was left out. Label Studio
+1.23.2 accepts such a prediction, from ``/predict`` and in a tasks import alike, and stores its result,
+score and model version; it keeps no other keys, so the warnings reach whoever reads the backend's
+reply, the job's results or the backend's log, not the stored prediction.
 """
 from __future__ import annotations
 
@@ -38,7 +47,12 @@ from backend.label_config import ChoicesControl, Control, LabelConfig
 from explainers.segment.types import PhotoResult, TagMask
 
 __all__ = ["photo_to_results", "make_prediction", "mask_to_rle", "decode_rle", "choices_item",
-           "brush_item", "polygon_items", "rectangle_items", "new_id"]
+           "brush_item", "polygon_items", "rectangle_items", "new_id", "skipped_notes", "no_usable_tag_message",
+           "UNUSABLE_TAG_HINT"]
+
+UNUSABLE_TAG_HINT = ('To segment such a label, add predicted_values="class a,class b" (ImageNet class names) '
+                     "to its <Choice>/<Label> in the labeling config, or annotate photos with it so that the "
+                     "project's training learns it.")
 
 
 def new_id() -> str:
@@ -179,11 +193,40 @@ def photo_to_results(photo: PhotoResult, config: LabelConfig, tag_to_label: Mapp
     return results
 
 
+def skipped_notes(photo: PhotoResult, hint: str = UNUSABLE_TAG_HINT, capital: bool = True) -> list[str]:
+    """One sentence per tag left out of `photo` (``photo.skipped``, in order): its reason, then `hint`
+    (`capital`: first letter upper case, for a note that stands alone)."""
+    return [f"{_sentence(reason, capital)} {hint}".strip() for reason in photo.skipped.values()]
+
+
+def no_usable_tag_message(skipped: Mapping[str, str], whose: str = "the annotated tags",
+                          hint: str = UNUSABLE_TAG_HINT) -> str:
+    """The error of a photo none of whose tags can be segmented (`skipped`: tag -> reason): "none of
+    <whose> can be segmented ('a', 'b'). <hint> Reasons: <reason>; <reason>." The tags and the hint
+    come first, so that a reply cut short (a long list of reasons) still says what to do."""
+    names = ", ".join(repr(t) for t in skipped)
+    reasons = "; ".join(" ".join(str(r).split()) for r in skipped.values())
+    why = "Reason" if len(skipped) == 1 else "Reasons"
+    return f"none of {whose} can be segmented ({names}). {hint} {why}: {_sentence(reasons, capital=False)}"
+
+
+def _sentence(text: str, capital: bool = True) -> str:
+    text = " ".join(str(text).split())
+    if capital:
+        text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
 def make_prediction(photo: PhotoResult, config: LabelConfig, model_version: str,
-                    tag_to_label: Mapping[str, str] | None = None) -> dict:
-    """The whole prediction for one task: ``{"result": [...], "score": photo.score, "model_version": v}``."""
-    return {
+                    tag_to_label: Mapping[str, str] | None = None, hint: str = UNUSABLE_TAG_HINT) -> dict:
+    """The whole prediction for one task: ``{"result": [...], "score": photo.score, "model_version": v}``,
+    plus ``"warnings"`` (:func:`skipped_notes`, with `hint`) when tags were left out of the photo."""
+    pred = {
         "result": photo_to_results(photo, config, tag_to_label),
         "score": round(float(photo.score), 4),
         "model_version": str(model_version),
     }
+    notes = skipped_notes(photo, hint)
+    if notes:
+        pred["warnings"] = notes
+    return pred

@@ -25,3 +25,13 @@ class UnknownTagError(ExplainersError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RefusedTagError(UnknownTagError):
+    """A known tag that the classifier has no class for ("person", "sky" with ImageNet-1k), refused on
+    purpose: ``reason`` says why, in a sentence; ``tag`` is the tag as given."""
+
+    def __init__(self, message: str, tag: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.reason = reason

@@ -103,13 +103,16 @@ def _loader(photo) -> Callable[[], np.ndarray]:
 
 def pseudo_labels(engine, photos: Sequence, tags_per_photo: Sequence[Sequence[str]],
                   progress: Callable[[int, int], None] | None = None) -> list[PseudoLabel | None]:
-    """Run `engine` (a Tag2Mask, with or without heads) on each photo; None where a photo fails."""
+    """Run `engine` (a Tag2Mask, with or without heads) on each photo; None where a photo fails or one
+    of its tags cannot be segmented (that tag would otherwise train as absent from the photo)."""
     if len(photos) != len(tags_per_photo):
         raise ValueError(f"{len(photos)} photos but {len(tags_per_photo)} tag lists")
     out: list[PseudoLabel | None] = []
     for i, (photo, tags) in enumerate(zip(photos, tags_per_photo)):
         try:
             res, probs = engine.predict_with_probs(_loader(photo)(), list(tags))
+            if res.skipped:   # a tag it could not segment would read as absent (a negative) in pseudo_targets
+                raise ValueError(f"tags left out: {sorted(res.skipped)}")
             out.append(PseudoLabel([t.tag for t in res.tags], [t.mask for t in res.tags], probs,
                                    [t.score for t in res.tags]))
         except Exception:  # noqa: BLE001 - a photo that cannot be segmented just does not supervise

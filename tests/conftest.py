@@ -11,6 +11,8 @@ from explainers.device import set_cpu_threads
 
 REPO = Path(__file__).resolve().parents[1]
 HORSE_DIR = Path(os.environ.get("TAG2MASK_HORSE_DIR", REPO.parent / "shared" / "data" / "weizmann_horse"))
+# COCO photos of cluttered scenes with several tags each (tags.csv); set TAG2MASK_COCO_DIR to put them elsewhere
+COCO_DIR = Path(os.environ.get("TAG2MASK_COCO_DIR", REPO.parent / "shared" / "data" / "coco128_dev"))
 
 set_cpu_threads()
 
@@ -48,6 +50,14 @@ def horse_dir() -> Path:
     if not (HORSE_DIR / "images").is_dir():
         pytest.fail(f"the Weizmann horse photos are missing at {HORSE_DIR} (set TAG2MASK_HORSE_DIR)")
     return HORSE_DIR
+
+
+@pytest.fixture(scope="session")
+def coco_dir() -> Path:
+    """The COCO dev photos (images/<stem>.jpg, tags.csv)."""
+    if not (COCO_DIR / "images").is_dir():
+        pytest.fail(f"the COCO dev photos are missing at {COCO_DIR} (set TAG2MASK_COCO_DIR)")
+    return COCO_DIR
 
 
 @pytest.fixture(scope="session")

@@ -115,17 +115,35 @@ def test_bad_photos_fail_alone(engine, photos, tag_lists, reference):
     images = list(photos)
     tags = [list(t) for t in tag_lists]
     images[2] = photos[2][:, :, 0]            # 2-D: not an RGB photo
-    tags[5] = ["horse", "no-such-thing"]      # a tag the classifier cannot name
+    tags[6] = ["no-such-thing"]               # no tag the classifier can name
     calls = []
     out = engine.predict_many(images, tags, progress=lambda done, total: calls.append((done, total)), batch_size=8)
     assert calls == [(i + 1, len(images)) for i in range(len(images))]
     assert isinstance(out[2], ValueError) and "RGB" in str(out[2])
-    assert isinstance(out[5], UnknownTagError)
+    assert isinstance(out[6], UnknownTagError) and "'no-such-thing'" in str(out[6])
     cams, _ = engine._batched_cams(images, tags, 8)
-    assert sorted(cams) == [0, 1, 3, 4, 6, 7]
+    assert sorted(cams) == [0, 1, 3, 4, 5, 7]
     for i, (got, ref) in enumerate(zip(out, reference)):
-        if i not in (2, 5):
+        if i not in (2, 6):
             assert_same_result(got, ref)
+            assert got.skipped == {}
+
+
+def test_a_tag_that_cannot_be_segmented_leaves_the_others_batched(engine, photos, reference):
+    """A photo tagged "horse" and a tag the classifier cannot name is still batched: its horse mask
+    is the one of "horse" alone, the other tag is listed in `skipped` with its reason, as
+    :meth:`predict` gives it."""
+    tags = [["horse", "no-such-thing"], ["person", "horse", "dog"]]    # ImageNet-1k has no person class
+    cams, _ = engine._batched_cams(photos[:2], tags, 8)
+    assert sorted(cams) == [0, 1]
+    out = engine.predict_many(photos[:2], tags, batch_size=8)
+    one = [engine.predict(img, t) for img, t in zip(photos[:2], tags)]
+    assert_same_result(out[0], reference[0])                           # photo 0's reference tags: ["horse"]
+    assert_same_result(out[1], one[1]) and [t.tag for t in out[1].tags] == ["horse", "dog"]
+    assert list(out[0].skipped) == ["no-such-thing"] and list(out[1].skipped) == ["person"]
+    assert [o.skipped for o in out] == [o.skipped for o in one]
+    assert "unknown tag 'no-such-thing'" in out[0].skipped["no-such-thing"]
+    assert "tag 'person' has no class in the ImageNet-1k classifier" in out[1].skipped["person"]
 
 
 def test_empty_tags_and_repeats(engine, photos, reference):

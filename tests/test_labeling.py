@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from backend.labeling import (
+    UNUSABLE_TAG_HINT,
     PhotoItem,
     collect_photos,
     image_url,
@@ -133,5 +134,55 @@ def test_label_photos_unknown_tag_is_one_photo_error(tmp_path, horse_dir, engine
     summary = label_photos(photos, engine, tmp_path, tags=["horse"], tags_map={photos[0].path.stem: ["unicornx"]},
                            progress=False, report=lines.append)
     assert summary.ok == 1 and len(summary.errors) == 1
-    assert len(lines) == 1 and lines[0].startswith(f"error: {photos[0].path}: unknown tag 'unicornx'")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {photos[0].path}: none of the photo's tags can be segmented ('unicornx'). {UNUSABLE_TAG_HINT} "
+        "Reason: unknown tag 'unicornx'")
     assert not (tmp_path / photos[0].name).exists()
+
+
+# COCO 294, a kitchen (person, microwave, clock, ...), tagged with "person" (ImageNet-1k has no person
+# class: refused on purpose) between two tags it has; COCO 25, a giraffe, whose tags none can segment.
+KITCHEN, GIRAFFE = "000000000294", "000000000025"
+
+
+def test_label_command_an_unusable_tag_does_not_sink_the_photos_other_tags(tmp_path, coco_dir, capsys):
+    from backend.cli import main
+
+    photos = [coco_dir / "images" / f"{stem}.jpg" for stem in (KITCHEN, GIRAFFE)]
+    csv = tmp_path / "tags.csv"
+    csv.write_text(f"image,tags\n{KITCHEN}.jpg,microwave;person;clock\n{GIRAFFE},giraffe;sky-other-merged\n")
+    out = tmp_path / "out"
+    assert main(["label", *map(str, photos), "--tags-csv", str(csv), "--out", str(out), "--preset", "fast",
+                 "-q"]) == 1
+    std = capsys.readouterr()
+    assert "labelled 1 of 2 photos" in std.out and "1 failed; 1 tag left out (no mask)" in std.out
+
+    # the kitchen's usable tags are labelled: masks at the photo's size, with pixels
+    w, h = Image.open(photos[0]).size
+    assert sorted(p.name for p in (out / KITCHEN).iterdir()) == ["clock.png", "microwave.png", "overlay.png"]
+    for tag in ("microwave", "clock"):
+        mask = np.asarray(Image.open(out / KITCHEN / f"{tag}.png"))
+        assert mask.shape == (h, w) and mask.any()
+    assert not (out / GIRAFFE).exists()
+
+    # "person" has its own entry (reason + hint); the giraffe photo fails as a whole, naming each tag
+    errors = json.loads((out / "errors.json").read_text())
+    assert [(e["path"], e.get("tag")) for e in errors] == [(str(photos[0]), "person"), (str(photos[1]), None)]
+    person, giraffe = errors[0]["error"], errors[1]["error"]
+    assert person.startswith(f"{photos[0]}: tag 'person' has no class in the ImageNet-1k classifier")
+    assert person.endswith(UNUSABLE_TAG_HINT)
+    assert giraffe.startswith(f"{photos[1]}: none of the photo's tags can be segmented ('giraffe', "
+                              f"'sky-other-merged'). {UNUSABLE_TAG_HINT} Reasons: tag 'giraffe' has no class")
+    assert "; " in giraffe and "'sky-other-merged'" in giraffe.split("Reasons: ")[1]
+    assert [line for line in std.err.splitlines() if line.startswith("error: ")] == \
+        [f"error: {e['error']}" for e in errors]
+
+    # tasks.json: the kitchen's prediction has the two masks and a warning naming "person"
+    (task,) = json.loads((out / "tasks.json").read_text())
+    pred = task["predictions"][0]
+    assert {label for r in pred["result"] if r["type"] == "brushlabels" for label in r["value"]["brushlabels"]} \
+        == {"Microwave", "Clock"}
+    assert len(pred["warnings"]) == 1 and pred["warnings"][0].startswith("Tag 'person' has no class")
+    (rec,) = json.loads((out / "summary.json").read_text())["photos"]
+    assert [t["tag"] for t in rec["tags"]] == ["microwave", "clock"]
+    assert list(rec["skipped"]) == ["person"] and "no class in the ImageNet-1k classifier" in rec["skipped"]["person"]

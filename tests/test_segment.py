@@ -9,6 +9,7 @@ from conftest import horse_stems
 from explainers.errors import UnknownTagError
 from explainers.imageio import load_image
 from explainers.segment import PhotoResult, PipelineConfig, Tag2Mask
+from explainers.segment.pipeline import UNUSABLE_HINT
 
 # Three test-split horses (IoU 0.62, 0.88, 0.74 when written). On all 49 test photos the balanced
 # preset gives a per-photo fg IoU of mean 0.79, median 0.87, 10th percentile 0.44, where plain Grad-CAM
@@ -106,6 +107,28 @@ def test_two_tags_get_separate_masks(t2m, horses, chelsea):
     # the boxes follow: the horse's largest box on the left, the cat's on the right
     big = lambda tm: max(tm.boxes, key=lambda b: b.width * b.height)  # noqa: E731
     assert (big(horse_tm).x0 + big(horse_tm).x1) / 2 < split < (big(cat_tm).x0 + big(cat_tm).x1) / 2
+
+
+def test_a_tag_that_cannot_be_segmented_is_left_out_with_its_reason(t2m, coco_dir):
+    """COCO 294 (a kitchen: person, microwave, clock) tagged microwave, person, clock: ImageNet-1k has
+    no person class, so "person" is left out with the reason; the other two get the masks they get
+    without it. A photo none of whose tags can be segmented fails, naming every tag."""
+    kitchen = load_image(coco_dir / "images" / "000000000294.jpg")
+    res = t2m.predict(kitchen, ["microwave", "person", "clock", "person"])
+    assert [t.tag for t in res.tags] == ["microwave", "clock"] and all(t.mask.any() for t in res.tags)
+    assert list(res.skipped) == ["person"]
+    assert res.skipped["person"].startswith("tag 'person' has no class in the ImageNet-1k classifier")
+    without = t2m.predict(kitchen, ["microwave", "clock"])
+    assert without.skipped == {}
+    for got, ref in zip(res.tags, without.tags):
+        assert np.array_equal(got.mask, ref.mask) and got.score == pytest.approx(ref.score)
+    with pytest.raises(UnknownTagError, match="tag 'person' has no class") as one:
+        t2m.predict(kitchen, ["person"])
+    assert "none of" not in str(one.value) and str(one.value).endswith(UNUSABLE_HINT)   # one tag: its message
+    with pytest.raises(UnknownTagError, match="none of the photo's tags can be segmented") as both:
+        t2m.predict(kitchen, ["person", "no-such-tag-xyz"])
+    assert "'person'" in str(both.value) and "'no-such-tag-xyz'" in str(both.value)
+    assert str(both.value).endswith(UNUSABLE_HINT)
 
 
 def test_an_unlikely_extra_tag_can_be_played_down(backbone, chelsea):

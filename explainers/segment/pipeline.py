@@ -12,6 +12,11 @@ Stages (each a small function or class in this package, chosen by :class:`Pipeli
 3. Dense CRF (:mod:`crf`) over background + all tags jointly, at a working resolution.
 4. Clean-up (:mod:`postprocess`) of the per-tag masks at the original resolution.
 5. Geometry (:mod:`geometry`): polygons and boxes with scores.
+
+A tag the engine cannot segment (no classifier class, not a label of the trained heads) does not
+sink the photo's other tags: they are segmented, and it is listed in ``PhotoResult.skipped`` with
+its reason (:meth:`Tag2Mask.split_tags`). Only a photo none of whose tags can be segmented fails,
+with :class:`~explainers.errors.UnknownTagError` giving every tag's reason and :data:`UNUSABLE_HINT`.
 """
 from __future__ import annotations
 
@@ -33,6 +38,10 @@ from explainers.segment.geometry import mask_geometry
 from explainers.segment.head_cam import HeadCAM, merge_cam_outputs
 from explainers.segment.postprocess import clean_masks, label_masks
 from explainers.segment.types import PhotoResult, TagMask
+
+
+UNUSABLE_HINT = ("To segment such a tag, give its classifier classes (Tag2Mask(tag_extra=...); predicted_values in "
+                 "Label Studio) or train a classifier head on photos with it.")
 
 
 def _resize(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -137,17 +146,60 @@ class Tag2Mask:
     def predict_with_probs(self, image_rgb: np.ndarray, tags: Sequence[str]) -> tuple[PhotoResult, np.ndarray | None]:
         """As :meth:`predict`, plus the CRF's per-pixel class probabilities (K + 1, h, w) float32 at the
         working resolution, background first, tags in the order of the result (None without tags).
-        Self-training reads its pseudo-masks and their confidence from these."""
+        Self-training reads its pseudo-masks and their confidence from these.
+
+        Tags that cannot be segmented are left out and listed in the result's ``skipped``; when no tag
+        can be, UnknownTagError (every tag's reason)."""
         image = check_image(image_rgb)
-        tags = list(dict.fromkeys(tags))  # drop repeats, keep order
         h, w = image.shape[:2]
+        tags, skipped = self._usable_or_raise(tags)
         if not tags:
             return PhotoResult(width=w, height=h, tags=[]), None
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         cam = self._cam_output(image, tags)
         timings["cam"] = time.perf_counter() - t0
-        return self._from_cam(image, tags, cam, timings, t0)
+        result, probs = self._from_cam(image, tags, cam, timings, t0)
+        result.skipped = skipped
+        return result, probs
+
+    def _usable_or_raise(self, tags: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """:meth:`split_tags`, raising UnknownTagError when tags were given but none can be segmented
+        (one tag: its own message; several: all their reasons in one sentence; then :data:`UNUSABLE_HINT`)."""
+        from explainers.errors import UnknownTagError
+
+        usable, skipped = self.split_tags(tags)
+        if skipped and not usable:
+            reasons = "; ".join(skipped.values())
+            if len(skipped) > 1:
+                reasons = "none of the photo's tags can be segmented: " + reasons
+            end = "" if reasons.endswith((".", "?", "!")) else "."
+            raise UnknownTagError(f"{reasons}{end} {UNUSABLE_HINT}")
+        return usable, skipped
+
+    def unusable_reason(self, tag: str) -> str | None:
+        """Why :meth:`predict` cannot give `tag` a mask (the :class:`UnknownTagError` message of its
+        lookup, e.g. "tag 'person' has no class in the ImageNet-1k classifier: ..."), or None when it can."""
+        from explainers.errors import UnknownTagError
+
+        if self._head_tags([tag]):
+            return None
+        try:
+            self.class_set(tag)
+        except UnknownTagError as exc:
+            return str(exc) or f"tag {tag!r} maps to no class of the classifier"
+        return None
+
+    def split_tags(self, tags: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """(the tags :meth:`predict` can segment, without repeats, in order; {other tag: why not})."""
+        usable, skipped = [], {}
+        for tag in dict.fromkeys(tags):
+            reason = self.unusable_reason(tag)
+            if reason is None:
+                usable.append(tag)
+            else:
+                skipped[tag] = reason
+        return usable, skipped
 
     def head_labels(self) -> list[str]:
         """The labels of the project's classifier head ([] without heads or without a classifier)."""
@@ -279,10 +331,11 @@ class Tag2Mask:
 
         The photos go in chunks of `batch_size`: stage 1 (the CAMs) of a chunk's photos runs in shared
         batched passes (:meth:`CAMStage.many`, at most `batch_size` photos a pass), stages 2-5 per
-        photo. Photos the batched stage cannot take (tags of the project's classifier head, an unknown
-        tag, not a photo), and all of a chunk whose batched stage fails, go through :meth:`predict` one
-        by one. The results equal :meth:`predict`'s up to float noise. `progress(done, total)` is
-        called after each photo.
+        photo. Photos the batched stage cannot take (tags of the project's classifier head, no tag
+        that can be segmented, not a photo), and all of a chunk whose batched stage fails, go through
+        :meth:`predict` one by one. A photo's tags that cannot be segmented are left out of its result
+        and listed in its ``skipped``, as :meth:`predict` does. The results equal :meth:`predict`'s up
+        to float noise. `progress(done, total)` is called after each photo.
         """
         if len(images) != len(tags_per_image):
             raise ValueError(f"{len(images)} photos but {len(tags_per_image)} tag lists")
@@ -300,24 +353,26 @@ class Tag2Mask:
                     progress(i + 1, total)
         return out
 
-    def _batchable(self, image_rgb: np.ndarray, tags: Sequence[str]) -> tuple[np.ndarray, list[str], list] | None:
-        """(checked photo, tags without repeats, their class sets) when the batched CAM stage can take
-        the photo: tags given, all named by the backbone's classifier, none for the classifier head.
-        None otherwise (also when the photo or a tag is bad: :meth:`predict` then reports why)."""
+    def _batchable(self, image_rgb: np.ndarray, tags: Sequence[str]
+                   ) -> tuple[np.ndarray, list[str], list, dict[str, str]] | None:
+        """(checked photo, the tags to segment, their class sets, {tag left out: why}) when the batched
+        CAM stage can take the photo: some tag that can be segmented, all of those named by the
+        backbone's classifier, none for the classifier head. None otherwise (also when the photo is
+        bad or no tag can be segmented: :meth:`predict` then reports why)."""
         try:
             image = check_image(image_rgb)
-            tags = list(dict.fromkeys(tags))
+            tags, skipped = self.split_tags(tags)
             if not tags or self._head_tags(tags):
                 return None
-            return image, tags, [self.class_set(t) for t in tags]
+            return image, tags, [self.class_set(t) for t in tags], skipped
         except Exception:  # noqa: BLE001 - the photo goes one by one, where its error is reported
             return None
 
     def _batched_cams(self, images: Sequence[np.ndarray], tags_per_image: Sequence[Sequence[str]],
-                      max_batch: int) -> tuple[dict[int, tuple[np.ndarray, list[str], object]], float]:
+                      max_batch: int) -> tuple[dict[int, tuple[np.ndarray, list[str], object, dict]], float]:
         """Stage 1 of the :meth:`_batchable` photos of a chunk in batched passes -> ({position in the
-        chunk: (photo, tags, CAMOutput)}, CAM seconds per photo). Empty when none is batchable or the
-        batched stage fails (then all go one by one)."""
+        chunk: (photo, tags, CAMOutput, {tag left out: why})}, CAM seconds per photo). Empty when none
+        is batchable or the batched stage fails (then all go one by one)."""
         ready = {}
         for j, (img, tags) in enumerate(zip(images, tags_per_image)):
             prepared = self._batchable(img, tags)
@@ -336,17 +391,20 @@ class Tag2Mask:
                           RuntimeWarning, stacklevel=3)
             return {}, 0.0
         seconds = (time.perf_counter() - t0) / len(ready)
-        return {j: (p[0], p[1], cam) for (j, p), cam in zip(ready.items(), cams)}, seconds
+        return {j: (p[0], p[1], cam, p[3]) for (j, p), cam in zip(ready.items(), cams)}, seconds
 
     def _predict_one(self, image_rgb: np.ndarray, tags: Sequence[str], batched: tuple | None,
                      cam_seconds: float) -> PhotoResult | Exception:
         """One photo's result, or its Exception: stages 2-5 from its batched CAMs (`batched` = (photo,
-        tags, CAMOutput), their time `cam_seconds` counted in its timings), else :meth:`predict`."""
+        tags, CAMOutput, {tag left out: why}), their time `cam_seconds` counted in its timings), else
+        :meth:`predict`."""
         try:
             if batched is None:
                 return self.predict(image_rgb, tags)
-            image, tags, cam = batched
-            return self._from_cam(image, tags, cam, {"cam": cam_seconds}, time.perf_counter() - cam_seconds)[0]
+            image, tags, cam, skipped = batched
+            result = self._from_cam(image, tags, cam, {"cam": cam_seconds}, time.perf_counter() - cam_seconds)[0]
+            result.skipped = dict(skipped)
+            return result
         except Exception as exc:  # noqa: BLE001 - recorded per photo, by design
             return exc
 

@@ -1,4 +1,9 @@
-"""What the tags -> mask pipeline returns. Coordinates are pixels of the original (EXIF-upright) photo."""
+"""What the tags -> mask pipeline returns. Coordinates are pixels of the original (EXIF-upright) photo.
+
+A photo's tags that cannot be segmented (no classifier class, no trained head) do not fail the photo
+while others can: they are left out of ``PhotoResult.tags`` and listed in ``PhotoResult.skipped``
+with the reason, a sentence (``{"person": "tag 'person' has no class in the ImageNet-1k classifier: ..."}``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ class PhotoResult:
     tags: list[TagMask]
     cams: dict[str, np.ndarray] = field(default_factory=dict)   # tag -> (H, W) float32 in [0, 1]
     timings: dict[str, float] = field(default_factory=dict)     # stage -> seconds
+    skipped: dict[str, str] = field(default_factory=dict)       # tag left out -> why (a sentence)
 
     @property
     def score(self) -> float:
