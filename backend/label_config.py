@@ -33,17 +33,38 @@ names the classifier classes (or engine tags) explicitly; ``tag_queries()`` retu
 model can pass them to ``resolve_tag(..., extra=...)``.
 
 Only controls whose ``toName`` is the Image object are kept; others (text, audio, unsupported control
-types such as KeyPointLabels) are listed in ``LabelConfig.skipped`` with the reason.
+types such as KeyPointLabels, a BrushLabels whose ``toName`` names no Image) are listed in
+``LabelConfig.skipped`` with the reason, and logged as a warning once per config.
+
+Hostile configs: a config that is not a string, longer than MAX_CONFIG_CHARS (1 000 000), with a
+``<!DOCTYPE>`` / ``<!ENTITY>`` declaration (entity expansion "billion laughs", external entities:
+Label Studio configs never declare one) or more than MAX_CONFIG_LABELS (2000) labels is refused
+with a LabelConfigError before the SDK parses it; libxml2 refuses nesting deeper than 256.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
+import threading
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from backend.untrusted import json_type
 
 __all__ = [
     "DEFAULT_LABEL_CONFIG", "LabelConfigError", "Control", "ChoicesControl", "BrushControl",
     "PolygonControl", "RectangleControl", "LabelConfig", "parse_label_config", "CONTROL_CLASSES",
+    "MAX_CONFIG_CHARS", "MAX_CONFIG_LABELS",
 ]
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_CHARS = 1_000_000       # real configs are a few KB; a 2000-label taxonomy is ~100 KB
+MAX_CONFIG_LABELS = 2000           # twice ImageNet's classes; each label costs a tag lookup per batch
+_DECLARATION = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_WARNED: set[str] = set()          # sha1 of configs whose skipped controls were logged
+_WARNED_LOCK = threading.Lock()
 
 DEFAULT_LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
@@ -96,7 +117,10 @@ class Control:
         return self.mapping.get(label)
 
     def match(self, tag: str) -> str | None:
-        """This control's label value for an engine tag (exact, then case-insensitive), or None."""
+        """This control's label value for an engine tag (exact, then case-insensitive), or None
+        (also for a value that is not a string)."""
+        if not isinstance(tag, str):
+            return None
         if tag in self.labels:
             return tag
         low = tag.strip().lower()
@@ -192,11 +216,11 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
     """Parse a labeling config and keep the supported controls bound to one Image tag.
 
     `image_name` picks the Image when the config has several (default: the first Image that has a
-    supported control). Raises LabelConfigError for: empty/invalid XML, no Image tag, or no supported
-    control (Choices, BrushLabels, PolygonLabels, RectangleLabels) bound to it.
+    supported control). Raises LabelConfigError for: empty/invalid XML, no Image tag, no supported
+    control (Choices, BrushLabels, PolygonLabels, RectangleLabels) bound to it, and the hostile
+    configs of the module docstring. Skipped controls are logged once per config.
     """
-    if not isinstance(xml, str) or not xml.strip():
-        raise LabelConfigError("the labeling config is empty")
+    _refuse_hostile(xml)
     try:
         from label_studio_sdk.label_interface import LabelInterface
 
@@ -218,7 +242,8 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
         targets = [n for n in (ct.to_name or []) if n in by_name]
         kind = (ct.tag or "").lower()
         if not targets:
-            skipped[ct.name] = f"<{ct.tag}> is not bound to an Image"
+            names = ", ".join(repr(n) for n in (ct.to_name or [])) or "nothing"
+            skipped[ct.name] = f"<{ct.tag}> is not bound to an Image (its toName names {names})"
             continue
         cls = CONTROL_CLASSES.get(kind)
         if cls is None:
@@ -248,7 +273,41 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no control tags"
         raise LabelConfigError(f"no supported control (Choices, BrushLabels, PolygonLabels, RectangleLabels) "
                                f"is bound to <Image name={image_name!r}> ({why})")
+    n_labels = len({label for c in controls for label in c.labels})
+    if n_labels > MAX_CONFIG_LABELS:
+        raise LabelConfigError(f"the labeling config has {n_labels} labels on <Image name={image_name!r}>; at most "
+                               f"{MAX_CONFIG_LABELS} are supported")
+    _warn_skipped_once(xml, skipped)
     image = by_name[image_name]
     value = image.value or ""
     key = value[1:] if value.startswith("$") else value
     return LabelConfig(image_name=image_name, image_key=key, controls=controls, skipped=skipped, xml=xml)
+
+
+def _refuse_hostile(xml) -> None:
+    """LabelConfigError for a config that is not a string, empty, too long, or declares a DTD/entities."""
+    if not isinstance(xml, str):
+        raise LabelConfigError(f"the labeling config must be a string of XML, not {json_type(xml)}")
+    if not xml.strip():
+        raise LabelConfigError("the labeling config is empty")
+    if len(xml) > MAX_CONFIG_CHARS:
+        raise LabelConfigError(f"the labeling config is {len(xml)} characters long; at most {MAX_CONFIG_CHARS} "
+                               "are accepted")
+    if _DECLARATION.search(xml):
+        raise LabelConfigError("the labeling config declares a <!DOCTYPE> or <!ENTITY>; Label Studio configs "
+                               "never need one, and entity declarations are refused")
+
+
+def _warn_skipped_once(xml: str, skipped: dict[str, str]) -> None:
+    """Log the controls a config leaves unused, once per distinct config (per process)."""
+    if not skipped:
+        return
+    key = hashlib.sha1(xml.encode("utf-8", "surrogatepass")).hexdigest()
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        if len(_WARNED) >= 4096:        # many distinct configs: forget, warnings may repeat
+            _WARNED.clear()
+        _WARNED.add(key)
+    for name, why in skipped.items():
+        log.warning("labeling config: control %r gets no predictions: %s", name[:80], why[:300])

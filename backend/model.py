@@ -12,6 +12,7 @@ Public API::
     base_model_version(settings) -> str    # tag2mask-<release>-<backbone>-<preset>-<config hash> (or override)
     get_heads_cache(settings) -> ProjectHeadsCache            # one per process: promoted heads per project
     choose_tags(task, config) -> list[str] | None            # the human Choices of the latest annotation
+    task_photo(task, config) -> (task id, photo reference)   # ValueError (a sentence) for a malformed task
 
 Tags for a task: when the task has a human annotation (most recent by updated/created time, not
 cancelled) with Choices on the Image, those labels are the tags. Otherwise the classifier picks: the
@@ -19,7 +20,10 @@ config's labels whose ``tag_scores`` >= TAG2MASK_THRESHOLD (best first, at most 
 when none passes, the single best label is used anyway (a low-confidence pre-annotation is still a
 useful start, and its low score sorts it first for review). A label is usable when the engine can
 segment it (``engine.can_segment``): the ImageNet classifier names it, or the project's promoted
-classifier head was trained on it. Other labels are left out, with a warning once per config.
+classifier head was trained on it. Other labels are left out, with a warning once per config. An
+annotated tag that is not usable is left out of that task alone: the others are segmented and the
+prediction's ``"warnings"`` names it with the reason and a hint (``backend.ls_results``); a task none
+of whose annotated tags is usable fails, its error naming each tag's reason.
 
 Trained heads: a prediction for a project with a promoted model (``backend.registry``, trained by
 ``backend.training_jobs``) runs the engine with that project's heads (``engine.set_heads``, under the
@@ -34,9 +38,12 @@ seconds, default 30), reading the registry in ``MODEL_DIR``, or the Redis mirror
 (:class:`backend.training_jobs.RedisModelStore`) for projects that registry lacks when
 ``REDIS_URL`` is set.
 
-A task that fails (image unreadable, not allowed, no usable tag) becomes
+A task that fails (image unreadable, not allowed, no usable tag, malformed: not an object, data or
+annotations of the wrong JSON type, an unusable id) becomes
 ``{"model_version": v, "score": 0.0, "error": "<reason>"}`` -- no "result", so Label Studio skips it --
-and the batch goes on.
+and the batch goes on. The reason is a sentence about the task's input, cut at MAX_REASON_CHARS; a
+failure that is a bug of this service reads TASK_FAILED ("the server failed on this task; the error
+was logged") and its traceback goes to the log.
 """
 from __future__ import annotations
 
@@ -54,9 +61,11 @@ from backend.image_fetch import ImageFetcher, ImageFetchError
 from backend.label_config import LabelConfig, LabelConfigError, parse_label_config
 from backend.ls_results import make_prediction
 from backend.settings import Settings
+from backend.untrusted import clip, json_type
+from backend.untrusted import task_id as checked_task_id
 
-__all__ = ["Tag2MaskModel", "get_engine", "engine_loaded", "choose_tags", "TRAINING_EVENTS", "VERSION",
-           "EventLog", "base_model_version", "get_heads_cache"]
+__all__ = ["Tag2MaskModel", "get_engine", "engine_loaded", "choose_tags", "task_photo", "TRAINING_EVENTS",
+           "VERSION", "EventLog", "base_model_version", "get_heads_cache", "TASK_FAILED"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,11 @@ VERSION = "0.1.0"
 # ({"annotation": [...], "task": [...]}); ANNOTATION_DELETED is kept for older senders
 TRAINING_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_CREATED",
                              "ANNOTATIONS_DELETED", "START_TRAINING"})
+
+MAX_ANNOTATED_TAGS = 50    # distinct annotated tags segmented in one photo (each costs a CAM + CRF)
+MAX_TAG_CHARS = 200        # an annotated choices value no Choices control names (kept verbatim as a tag)
+MAX_REASON_CHARS = 500     # a failed task's "error" is cut here (it may quote the task's values)
+TASK_FAILED = "the server failed on this task; the error was logged"
 
 _ENGINE_LOCK = threading.Lock()        # guards loading
 _INFER_LOCK = threading.Lock()         # serialises inference (shared model, CPU)
@@ -99,8 +113,9 @@ def get_engine(settings: Settings):
 
 @functools.lru_cache(maxsize=None)
 def _preset_hash(preset: str) -> str:
-    """Six hex digits of the preset's pipeline settings: a tuning change makes a new model version."""
-    from explainers.segment import PipelineConfig
+    """Six hex digits of the preset's pipeline settings: a tuning change makes a new model version.
+    Torch-free (the settings module only), so /health and /setup answer while the model loads."""
+    from explainers.segment.config import PipelineConfig
 
     blob = json.dumps(PipelineConfig.preset(preset).to_dict(), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:6]
@@ -178,26 +193,98 @@ def _when(ann: dict) -> str:
     return str(ann.get("updated_at") or ann.get("created_at") or "")
 
 
+def _id_key(value) -> tuple:
+    """Sort key of an annotation id of any JSON type: numbers in order, then the rest as strings."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, "" if value is None else str(value))
+
+
 def choose_tags(task: dict, config: LabelConfig) -> list[str] | None:
-    """Label values from the Choices of the task's most recent non-cancelled annotation, or None."""
-    anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not anns:
+    """Label values from the Choices of the task's most recent non-cancelled annotation, or None.
+
+    Raises ValueError (a sentence naming the part) for annotations of the wrong JSON shape: not a
+    list, an annotation / result item / value that is not an object, a choices value that is not a
+    string (or one longer than MAX_TAG_CHARS where no Choices control of the config names it), or
+    more than MAX_ANNOTATED_TAGS tags (each is a CAM + CRF to compute)."""
+    anns = task.get("annotations")
+    if anns is None:
         return None
-    anns.sort(key=lambda a: (_when(a), a.get("id") or 0))
+    if not isinstance(anns, list):
+        raise ValueError(f"the task's annotations must be a list, not {json_type(anns)}")
+    kept = []
+    for k, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            raise ValueError(f"annotation {k} of the task must be a JSON object, not {json_type(ann)}")
+        if not ann.get("was_cancelled"):
+            kept.append((k, ann))
+    kept.sort(key=lambda ka: (_when(ka[1]), _id_key(ka[1].get("id"))))
     choices_names = {c.from_name: c for c in config.choices_controls}
-    for ann in reversed(anns):
-        tags: list[str] = []
-        for item in ann.get("result") or []:
-            if item.get("type") != "choices" or item.get("to_name") != config.image_name:
-                continue
-            control = choices_names.get(item.get("from_name"))
-            for value in (item.get("value") or {}).get("choices") or []:
-                label = control.match(value) if control else value
-                if label and label not in tags:
-                    tags.append(label)
+    for k, ann in reversed(kept):
+        tags = _annotation_choices(k, ann, config, choices_names)
         if tags:
             return tags
     return None
+
+
+def _annotation_choices(k: int, ann: dict, config: LabelConfig, controls: dict) -> list[str]:
+    """The labels of annotation `k`'s choices items on the config's Image (ValueError when malformed)."""
+    result = ann.get("result")
+    if result is None:
+        return []
+    if not isinstance(result, list):
+        raise ValueError(f"the result of annotation {k} must be a list, not {json_type(result)}")
+    tags: list[str] = []
+    for j, item in enumerate(result):
+        where = f"result item {j} of annotation {k}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be a JSON object, not {json_type(item)}")
+        if item.get("type") != "choices" or item.get("to_name") != config.image_name:
+            continue
+        from_name = item.get("from_name")
+        control = controls.get(from_name) if isinstance(from_name, str) else None
+        value = item.get("value")
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"the value of {where} must be a JSON object, not {json_type(value)}")
+        choices = value.get("choices")
+        if choices is None:
+            continue
+        if not isinstance(choices, list):
+            raise ValueError(f"the choices of {where} must be a list, not {json_type(choices)}")
+        for v in choices:
+            if not isinstance(v, str):
+                raise ValueError(f"a choices value of {where} must be a string, not {json_type(v)}")
+            if control is None and len(v) > MAX_TAG_CHARS:
+                raise ValueError(f"a choices value of {where} is {len(v)} characters long; a tag has at most "
+                                 f"{MAX_TAG_CHARS}")
+            label = control.match(v) if control else v
+            if label and label not in tags:
+                tags.append(label)
+    if len(tags) > MAX_ANNOTATED_TAGS:
+        raise ValueError(f"annotation {k} names {len(tags)} tags; at most {MAX_ANNOTATED_TAGS} are segmented "
+                         "in one photo")
+    return tags
+
+
+def task_photo(task, config: LabelConfig) -> tuple:
+    """(task id, photo reference) of a Label Studio task; ValueError with a sentence when the task is
+    not an object, its id is unusable (:func:`backend.untrusted.task_id`), its data is not an object
+    or holds no photo string under the config's image key."""
+    if not isinstance(task, dict):
+        raise ValueError(f"a task must be a JSON object, not {json_type(task)}")
+    tid = checked_task_id(task.get("id"))
+    data = task.get("data")
+    key = clip(config.image_key)
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"the task's data must be a JSON object, not {json_type(data)}")
+    url = (data or {}).get(config.image_key)
+    if url is None or url == "":
+        raise ValueError(f"task data has no {key!r} field")
+    if not isinstance(url, str):
+        raise ValueError(f"the task's data[{key!r}] must be a string (the photo's URL or path), not {json_type(url)}")
+    return tid, url
 
 
 class EventLog:
@@ -302,13 +389,15 @@ class Tag2MaskModel:
             try:
                 out.append(self.predict_one(task, config))
             except Exception as exc:  # noqa: BLE001 - one bad task never sinks the batch
-                reason = str(exc) if isinstance(exc, (ImageFetchError, LabelConfigError, ValueError, KeyError)) \
-                    or type(exc).__module__.startswith("explainers") else f"internal error ({type(exc).__name__})"
                 tid = task.get("id") if isinstance(task, dict) else None
-                if reason.startswith("internal error"):
-                    log.exception("task %s failed", tid)
-                else:
+                tid = repr(clip(tid)) if isinstance(tid, str) else clip(tid)      # short, one line
+                if isinstance(exc, (ImageFetchError, LabelConfigError, ValueError, KeyError)) \
+                        or type(exc).__module__.startswith("explainers"):     # the task's input is at fault
+                    reason = clip(str(exc), MAX_REASON_CHARS)
                     log.warning("task %s failed: %s", tid, reason)
+                else:                                                          # a bug: logged, not echoed
+                    reason = TASK_FAILED
+                    log.exception("task %s failed", tid)
                 out.append({"model_version": self.model_version, "score": 0.0, "error": reason})
         return out
 
@@ -335,14 +424,12 @@ class Tag2MaskModel:
         return usable
 
     def predict_one(self, task: dict, config: LabelConfig) -> dict:
-        if not isinstance(task, dict):
-            raise ValueError("a task must be a JSON object")
-        data = task.get("data") or {}
-        url = data.get(config.image_key)
-        if not url:
-            raise ValueError(f"task data has no {config.image_key!r} field")
-        image = self.fetcher.load(url, task_id=task.get("id"), ls_url=self.hostname, api_key=self.access_token)
-        return self.predict_image(image, config, choose_tags(task, config), task_id=task.get("id"))
+        """One task's prediction; raises ValueError (a sentence) for a malformed task, what the fetch
+        or the engine raised otherwise."""
+        tid, url = task_photo(task, config)
+        human = choose_tags(task, config)          # malformed annotations fail before any download
+        image = self.fetcher.load(url, task_id=tid, ls_url=self.hostname, api_key=self.access_token)
+        return self.predict_image(image, config, human, task_id=tid)
 
     def predict_image(self, image, config: LabelConfig, human: list[str] | None, task_id=None) -> dict:
         """Prediction of one photo (RGB uint8): `human` tags when given (the task's annotation), else the
@@ -357,7 +444,9 @@ class Tag2MaskModel:
         """Predictions of several photos in one engine call (``engine.predict_many``: photos batched
         for the device), under the inference lock. ``humans[i]``: photo i's annotated tags or None
         (the classifier picks). A photo that fails gives its Exception at its index; the rest go on.
-        Used by queue workers for their batches."""
+        Annotated tags that cannot be segmented are left out of the photo's prediction and named in
+        its ``"warnings"`` (:func:`backend.ls_results.make_prediction`); when none can be, the photo
+        fails. Used by queue workers for their batches."""
         if not (len(images) == len(humans) == len(task_ids if task_ids is not None else images)):
             raise ValueError("predict_images needs as many tag lists and task ids as photos")
         task_ids = list(task_ids) if task_ids is not None else [None] * len(images)
@@ -369,37 +458,47 @@ class Tag2MaskModel:
             engine.set_heads(heads)
             engine.tag_extra = extra or None
             usable = self._usable_labels(engine, config, extra)
-            todo: list[tuple[int, list[str]]] = []
+            todo: list[tuple[int, list[str], dict[str, str]]] = []
             for i, (image, human) in enumerate(zip(images, humans)):
                 try:
-                    tags = self._tags_for(engine, image, usable, human)
-                    todo.append((i, tags))
+                    tags, skipped = self._tags_for(engine, image, usable, human)
+                    todo.append((i, tags, skipped))
                     log.info("task %s: tags %s (from %s)", task_ids[i], tags,
-                             "annotation" if human is not None else "classifier")
+                             "annotation" if human else "classifier")
+                    for tag, reason in skipped.items():
+                        log.warning("task %s: annotated tag %r left out: %s", task_ids[i], tag, reason)
                 except Exception as exc:  # noqa: BLE001 - recorded per photo
                     out[i] = exc
-            photos = engine.predict_many([images[i] for i, _ in todo], [tags for _, tags in todo],
+            photos = engine.predict_many([images[i] for i, _, _ in todo], [tags for _, tags, _ in todo],
                                          batch_size=max(1, len(todo)))
-        for (i, _), photo in zip(todo, photos):
+        for (i, _, skipped), photo in zip(todo, photos):
+            if not isinstance(photo, Exception):
+                photo.skipped = {**skipped, **photo.skipped}
             out[i] = photo if isinstance(photo, Exception) else make_prediction(photo, config, version)
         return out
 
-    def _tags_for(self, engine, image, usable: list[str], human: list[str] | None) -> list[str]:
-        """The tags to segment in one photo: the annotated ones among `usable`, else the `usable` labels
-        whose score (``engine.tag_scores``: the ImageNet classifier's, or the project's classifier
-        head's for its own labels) passes the threshold (at least the best one)."""
-        if human is not None:
-            tags = [t for t in human if t in usable]
+    def _tags_for(self, engine, image, usable: list[str], human: list[str] | None
+                  ) -> tuple[list[str], dict[str, str]]:
+        """(The tags to segment in one photo, {annotated tag left out: why}): the annotated ones among
+        `usable` (the others are left out with their reason; none usable: ValueError naming every
+        reason), else the `usable` labels whose score (``engine.tag_scores``: the ImageNet classifier's,
+        or the project's classifier head's for its own labels) passes the threshold (at least the best
+        one)."""
+        from backend.ls_results import no_usable_tag_message
+
+        if human:
+            tags = [t for t in dict.fromkeys(human) if t in usable]
+            skipped = {t: engine.unusable_reason(t) or f"tag {t!r} is not a label of the labeling config"
+                       for t in dict.fromkeys(human) if t not in usable}
             if not tags:
-                raise ValueError(f"the annotated tags {human} map to no classifier class and no trained head "
-                                 "knows them")
-            return tags
+                raise ValueError(no_usable_tag_message(skipped, "the task's annotated tags"))
+            return tags, skipped
         if not usable:
             raise ValueError("no label of the labeling config maps to a classifier class or a trained head's label")
         scores = engine.tag_scores(image, usable)
         ranked = sorted(usable, key=lambda t: -scores[t])
         tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]
-        return tags or ranked[:1]
+        return tags or ranked[:1], {}
 
     # -- fit -------------------------------------------------------------------------------------
     def fit(self, event: str, data: dict, **kwargs) -> dict:

@@ -27,7 +27,10 @@ TAG2MASK_FETCH_TIMEOUT     30                   seconds per image download (conn
 TAG2MASK_WARMUP            1                    load the model in a background thread at start (0: on first
                                                 /predict)
 TAG2MASK_MODEL_VERSION     (derived)            override the model version string
-TAG2MASK_MAX_PIXELS        40000000             photo pixel cap (explainers.imageio)
+TAG2MASK_MAX_PIXELS        40000000             photo pixel cap (explainers.imageio); also the canvas cap of
+                                                a webhook annotation's brush/polygon regions
+TAG2MASK_MAX_REQUEST_BYTES 67108864             request body cap (64 MiB; larger -> 413, chunked bodies too)
+TAG2MASK_MAX_TASKS         10000                most tasks in one /predict or TASKS_CREATED (more -> 413)
 REDIS_URL                  (none)               job queue server; unset: an embedded Valkey in MODEL_DIR/valkey
 TAG2MASK_QUEUE             auto                 /predict through the job queue: on | off (inference in the
                                                 web process) | auto (on when REDIS_URL is set)
@@ -93,6 +96,8 @@ class Settings:
     batch_chunk: int = 8
     batch_size: int = 8
     train_min_new: int = 10
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_tasks: int = 10000
 
     @classmethod
     def from_env(cls, env: dict | None = None, **overrides) -> "Settings":
@@ -126,6 +131,8 @@ class Settings:
             batch_chunk=int(e.get("TAG2MASK_BATCH_CHUNK") or 8),
             batch_size=int(e.get("TAG2MASK_BATCH_SIZE") or 8),
             train_min_new=int(e.get("TRAIN_MIN_NEW") or 10),
+            max_request_bytes=int(e.get("TAG2MASK_MAX_REQUEST_BYTES") or 64 * 1024 * 1024),
+            max_tasks=int(e.get("TAG2MASK_MAX_TASKS") or 10000),
         )
         return replace(s, **overrides) if overrides else s
 

@@ -738,7 +738,7 @@ def current_model_version(project, settings: Settings | None = None, registry: M
     """The model version string to report for `project`: the base version
     (:func:`backend.model.base_model_version`: ``tag2mask-<release>-<backbone>-<preset>-<config hash>``
     or ``TAG2MASK_MODEL_VERSION``), plus ``+p<project>.<version>`` when the project has a promoted
-    trained model."""
+    trained model. Reads the registry's state file only (no torch): /setup calls it while the model loads."""
     from backend.model import base_model_version
 
     settings = settings or Settings.from_env()
