@@ -17,6 +17,10 @@ webhooks can build it without importing torch. Inside a worker:
   backoff inside the job; permanent ones (unreadable photo, unknown tag) are not retried. A job
   whose tasks failed raises :class:`TasksFailed` at the end (after finishing all other tasks), so
   RQ keeps it in the FailedJobRegistry with the reasons.
+* a malformed task (not an object, an unusable id, no image string, tags not strings) fails alone
+  with a sentence (:func:`checked_job_task`); a failed task's reason in the job's ``meta["errors"]``
+  (what ``/predict`` answers) is the sentence the web process gives inline (:func:`task_error`),
+  while the job's error (TasksFailed) keeps each exception's type for the operator.
 
 ``push_prediction(task_id, prediction)`` is the interface the web server may replace
 (:func:`set_prediction_pusher`); the default writes through label-studio-sdk 2.1.2.
@@ -36,6 +40,7 @@ __all__ = [
     "TransientError", "TasksFailed", "with_retries", "is_transient",
     "LabelStudioPusher", "set_prediction_pusher", "push_prediction",
     "batch_size", "read_image_bytes", "TaskOutcome", "predict_chunk", "predict_one", "predict_tasks",
+    "checked_job_task", "task_error",
     "push_late_key", "push_owner_key",
 ]
 
@@ -329,23 +334,67 @@ class TaskOutcome:
     error: Exception | None = None
 
 
+def checked_job_task(task: Any) -> tuple[Any, str, list[str] | None]:
+    """(id, image reference, tags or None) of a job's task; ValueError with a sentence (the ones
+    ``/predict`` gives for a Label Studio task where they apply) when it is malformed."""
+    from backend.untrusted import json_type
+    from backend.untrusted import task_id as checked_task_id
+
+    if not isinstance(task, Mapping):
+        raise ValueError(f"a task must be a JSON object, not {json_type(task)}")
+    tid = checked_task_id(task.get("id"))
+    image = task.get("image")
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"the task's image must be a string (the photo's URL or path), not "
+                         f"{json_type(image) if image != '' else 'an empty string'}")
+    tags = task.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise ValueError(f"the task's tags must be a list of strings, not {json_type(tags)}"
+                         + (" holding other values" if isinstance(tags, list) else ""))
+    return tid, image, tags
+
+
+def task_error(exc: BaseException) -> str:
+    """A failed task's reason in the job's ``meta["errors"]`` (what ``/predict`` answers): the sentence
+    the web process gives (:func:`backend.model.task_failure_reason`); a photo download that kept
+    failing gives its last message."""
+    from backend.model import MAX_REASON_CHARS, task_failure_reason
+    from backend.untrusted import clip
+
+    return clip(str(exc), MAX_REASON_CHARS) if isinstance(exc, TransientError) else task_failure_reason(exc)
+
+
+def _task_key(task: Any, index: int) -> Any:
+    """The id a task's outcome is reported under: its own when usable, else ``"#<index in the job>"``."""
+    from backend.untrusted import task_id as checked_task_id
+
+    try:
+        tid = checked_task_id(task.get("id")) if isinstance(task, Mapping) else None
+    except ValueError:
+        tid = None
+    return f"#{index}" if tid is None else tid
+
+
 def _fetch(task: Mapping[str, Any], model_version: str, cache, creds: Mapping[str, Any]) -> TaskOutcome:
-    """Stage 1 of a task: read its photo (retrying network trouble), hash it, look it up in the result
-    cache; a miss is decoded for the engine. Failures are kept in the outcome."""
+    """Stage 1 of a task: check it (:func:`checked_job_task`), read its photo (retrying network
+    trouble), hash it, look it up in the result cache; a miss is decoded for the engine. Failures are
+    kept in the outcome."""
     from backend.queues import image_hash, ls_cache_tags, normalize_tags
     from explainers.imageio import load_image
 
-    ls_task = bool(task.get("ls"))
-    outcome = TaskOutcome(task, ls_cache_tags(task.get("tags")) if ls_task else normalize_tags(task.get("tags", [])))
+    outcome = TaskOutcome(task, [])
     try:
-        data = read_image_bytes(str(task["image"]), task_id=task.get("id"), ls_url=creds.get("url"),
+        _, image, tags = checked_job_task(task)
+        ls_task = bool(task.get("ls"))
+        outcome.tags = ls_cache_tags(tags) if ls_task else normalize_tags(tags or [])
+        data = read_image_bytes(image, task_id=task.get("id"), ls_url=creds.get("url"),
                                 api_key=creds.get("token"))
         outcome.sha = image_hash(data)
-        hit = cache.get(task["id"], outcome.sha, outcome.tags, model_version) if cache is not None else None
+        hit = cache.get(task.get("id"), outcome.sha, outcome.tags, model_version) if cache is not None else None
         if hit is not None:
             outcome.prediction, outcome.cached = hit, True
             if ls_task:
-                cache.put(task["id"], "ref:" + str(task["image"]), outcome.tags, model_version, hit)
+                cache.put(task.get("id"), "ref:" + image, outcome.tags, model_version, hit)
         else:
             outcome.image = load_image(data)
     except Exception as exc:   # noqa: BLE001 - recorded per task
@@ -396,9 +445,9 @@ def predict_chunk(tasks: Sequence[Mapping[str, Any]], *, label_config: str, mode
             if o.prediction is None:
                 continue
             try:
-                cache.put(o.task["id"], o.sha, o.tags, version, o.prediction)
+                cache.put(o.task.get("id"), o.sha, o.tags, version, o.prediction)
                 if o.task.get("ls"):
-                    cache.put(o.task["id"], "ref:" + str(o.task["image"]), o.tags, version, o.prediction)
+                    cache.put(o.task.get("id"), "ref:" + str(o.task["image"]), o.tags, version, o.prediction)
             except Exception as exc:   # noqa: BLE001 - Redis trouble: the task fails (transient), others go on
                 o.error = exc
     return outcomes
@@ -478,13 +527,21 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
         return push or (job is not None and bool(conn.exists(push_late_key(job.id))))
 
     out: dict[str, Any] = {"predictions": {}, "cached": [], "pushed": {}}
-    failures: dict[Any, str] = {}
+    failures: dict[Any, str] = {}     # task id -> "<exception type>: <message>" (TasksFailed: the job's error)
+    errors: dict[Any, str] = {}       # task id -> its reason for /predict (meta["errors"])
     transient = False
 
-    def fail(tid: Any, exc: BaseException) -> None:
+    def fail(tid: Any, exc: BaseException, reason: str | None = None) -> None:
+        """`reason`: the task's sentence (a prediction that failed); None: a push, "<type>: <message>"."""
         nonlocal transient
-        log.error("task %s failed: %s: %s", tid, type(exc).__name__, exc, exc_info=exc)
+        from backend.model import is_input_error
+
+        if reason is not None and is_input_error(exc):
+            log.warning("task %s failed: %s", tid, reason)
+        else:
+            log.error("task %s failed: %s: %s", tid, type(exc).__name__, exc, exc_info=exc)
         failures[tid] = f"{type(exc).__name__}: {exc}"
+        errors[tid] = reason if reason is not None else failures[tid]
         transient = transient or is_transient(exc)
         if push:
             try:
@@ -498,10 +555,10 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
         outcomes = predict_chunk(tasks[start:start + size], label_config=request["label_config"],
                                  model_version=version, cache=cache, engine_options=request.get("engine"),
                                  label_studio=creds, project=request.get("project"))
-        for outcome in outcomes:
-            tid = outcome.task["id"]
+        for k, outcome in enumerate(outcomes):
+            tid = _task_key(outcome.task, start + k)
             if outcome.error is not None:
-                fail(tid, outcome.error)
+                fail(tid, outcome.error, task_error(outcome.error))
             else:
                 out["predictions"][str(tid)] = outcome.prediction
                 if outcome.cached:
@@ -514,7 +571,7 @@ def predict_tasks(request: Mapping[str, Any]) -> dict:
             done += 1
             if job is not None:
                 job.meta.update({"done": done, "total": len(tasks), "failed": len(failures),
-                                 "errors": {str(k): v for k, v in failures.items()}})
+                                 "errors": {str(k): v for k, v in errors.items()}})
                 job.save_meta()
     if not push and should_push():   # the flag came while we ran: push the rest
         for tid, prediction in out["predictions"].items():

@@ -7,12 +7,13 @@ Public API::
     model.model_version                    # str: base_model_version(settings) + "+p<project>.vN" when the
                                            # project has promoted trained heads; what /setup returns
     model.predict(tasks, context=None, **kw) -> list[dict]   # one prediction per task, in order
-    model.fit(event, data, **kw) -> dict                     # records training events (events.jsonl)
+    model.fit(event, data, **kw) -> dict                     # records training events (events.jsonl, bounded)
     get_engine(settings) -> (Tag2Mask, threading.Lock)       # one engine per process, loaded once
     base_model_version(settings) -> str    # tag2mask-<release>-<backbone>-<preset>-<config hash> (or override)
     get_heads_cache(settings) -> ProjectHeadsCache            # one per process: promoted heads per project
     choose_tags(task, config) -> list[str] | None            # the human Choices of the latest annotation
     task_photo(task, config) -> (task id, photo reference)   # ValueError (a sentence) for a malformed task
+    task_failure_reason(exc) -> str        # a failed task's "error" (web process and queue workers alike)
 
 Tags for a task: when the task has a human annotation (most recent by updated/created time, not
 cancelled) with Choices on the Image, those labels are the tags. Otherwise the classifier picks: the
@@ -43,7 +44,9 @@ annotations of the wrong JSON type, an unusable id) becomes
 ``{"model_version": v, "score": 0.0, "error": "<reason>"}`` -- no "result", so Label Studio skips it --
 and the batch goes on. The reason is a sentence about the task's input, cut at MAX_REASON_CHARS; a
 failure that is a bug of this service reads TASK_FAILED ("the server failed on this task; the error
-was logged") and its traceback goes to the log.
+was logged") and its traceback goes to the log (:func:`task_failure_reason`; queue workers and the
+web process's queue path give the same sentences). An annotated tag quoted in a warning or an error
+is cut at MAX_ECHOED_TAG_CHARS.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ from backend.untrusted import clip, json_type
 from backend.untrusted import task_id as checked_task_id
 
 __all__ = ["Tag2MaskModel", "get_engine", "engine_loaded", "choose_tags", "task_photo", "TRAINING_EVENTS",
-           "VERSION", "EventLog", "base_model_version", "get_heads_cache", "TASK_FAILED"]
+           "VERSION", "EventLog", "base_model_version", "get_heads_cache", "TASK_FAILED", "task_failure_reason",
+           "is_input_error"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ MAX_ANNOTATED_TAGS = 50    # distinct annotated tags segmented in one photo (eac
 MAX_TAG_CHARS = 200        # an annotated choices value no Choices control names (kept verbatim as a tag)
 MAX_REASON_CHARS = 500     # a failed task's "error" is cut here (it may quote the task's values)
 TASK_FAILED = "the server failed on this task; the error was logged"
+MAX_ECHOED_TAG_CHARS = 80  # an annotated tag quoted in a warning or an error is cut here
+MAX_EVENT_PART_CHARS = 100_000   # an events.jsonl record keeps a task / an annotation up to this JSON size
 
 _ENGINE_LOCK = threading.Lock()        # guards loading
 _INFER_LOCK = threading.Lock()         # serialises inference (shared model, CPU)
@@ -268,6 +274,19 @@ def _annotation_choices(k: int, ann: dict, config: LabelConfig, controls: dict) 
     return tags
 
 
+def is_input_error(exc: BaseException) -> bool:
+    """Whether a task failed because of its input (a malformed task, an unreadable or refused photo, an
+    unusable tag), not because of a bug of this service."""
+    return isinstance(exc, (ImageFetchError, LabelConfigError, ValueError, KeyError)) \
+        or type(exc).__module__.startswith("explainers")
+
+
+def task_failure_reason(exc: BaseException) -> str:
+    """The "error" of a task that raised `exc`, the same in the web process and in queue workers: the
+    sentence about its input (cut at MAX_REASON_CHARS), or TASK_FAILED for a bug (log its traceback)."""
+    return clip(str(exc), MAX_REASON_CHARS) if is_input_error(exc) else TASK_FAILED
+
+
 def task_photo(task, config: LabelConfig) -> tuple:
     """(task id, photo reference) of a Label Studio task; ValueError with a sentence when the task is
     not an object, its id is unusable (:func:`backend.untrusted.task_id`), its data is not an object
@@ -285,6 +304,19 @@ def task_photo(task, config: LabelConfig) -> tuple:
     if not isinstance(url, str):
         raise ValueError(f"the task's data[{key!r}] must be a string (the photo's URL or path), not {json_type(url)}")
     return tid, url
+
+
+def _unusable_reason(engine, tag: str) -> str:
+    """Why an annotated `tag` is left out, the tag echoed at most MAX_ECHOED_TAG_CHARS long."""
+    short = clip(tag, MAX_ECHOED_TAG_CHARS)
+    reason = engine.unusable_reason(tag) or f"tag {short!r} is not a label of the labeling config"
+    return reason if short == tag else reason.replace(repr(tag), repr(short)).replace(tag, short)
+
+
+def _bounded(value, limit: int):
+    """`value` when its JSON has at most `limit` characters, else a note saying what was left out."""
+    n = len(json.dumps(value, ensure_ascii=False, default=str))
+    return value if n <= limit else {"omitted": f"{json_type(value)} of {n} characters (over {limit})"}
 
 
 class EventLog:
@@ -391,12 +423,10 @@ class Tag2MaskModel:
             except Exception as exc:  # noqa: BLE001 - one bad task never sinks the batch
                 tid = task.get("id") if isinstance(task, dict) else None
                 tid = repr(clip(tid)) if isinstance(tid, str) else clip(tid)      # short, one line
-                if isinstance(exc, (ImageFetchError, LabelConfigError, ValueError, KeyError)) \
-                        or type(exc).__module__.startswith("explainers"):     # the task's input is at fault
-                    reason = clip(str(exc), MAX_REASON_CHARS)
+                reason = task_failure_reason(exc)
+                if is_input_error(exc):
                     log.warning("task %s failed: %s", tid, reason)
                 else:                                                          # a bug: logged, not echoed
-                    reason = TASK_FAILED
                     log.exception("task %s failed", tid)
                 out.append({"model_version": self.model_version, "score": 0.0, "error": reason})
         return out
@@ -488,7 +518,7 @@ class Tag2MaskModel:
 
         if human:
             tags = [t for t in dict.fromkeys(human) if t in usable]
-            skipped = {t: engine.unusable_reason(t) or f"tag {t!r} is not a label of the labeling config"
+            skipped = {clip(t, MAX_ECHOED_TAG_CHARS): _unusable_reason(engine, t)
                        for t in dict.fromkeys(human) if t not in usable}
             if not tags:
                 raise ValueError(no_usable_tag_message(skipped, "the task's annotated tags"))
@@ -502,7 +532,10 @@ class Tag2MaskModel:
 
     # -- fit -------------------------------------------------------------------------------------
     def fit(self, event: str, data: dict, **kwargs) -> dict:
-        """Record a training event for a later retraining step; nothing is trained here yet."""
+        """Append a training event to ``events.jsonl`` (an audit trail; the examples themselves are in
+        the example store). The server calls it only once the example store accepted the event. The
+        task and the annotation are kept when their JSON has at most MAX_EVENT_PART_CHARS characters;
+        a larger one is replaced by ``{"omitted": "<what> of <n> characters ..."}``."""
         if event not in TRAINING_EVENTS:
             return {"status": "ignored", "action": event}
         project = data.get("project") if isinstance(data, dict) else None
@@ -514,8 +547,9 @@ class Tag2MaskModel:
             "model_version": self.model_version,
         }
         if isinstance(task, dict):
-            record["task"] = {"id": task.get("id"), "data": task.get("data")}
+            record["task"] = _bounded({"id": task.get("id"), "data": task.get("data")}, MAX_EVENT_PART_CHARS)
         if isinstance(data, dict) and isinstance(data.get("annotation"), dict):
-            record["annotation"] = data["annotation"]
+            record["annotation"] = _bounded(data["annotation"], MAX_EVENT_PART_CHARS)
+        record["project"] = _bounded(record["project"], 200)
         EventLog(self.settings.events_path).append(record)
         return {"status": "recorded", "action": event}

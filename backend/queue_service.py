@@ -20,6 +20,11 @@ Used by backend/server.py when ``Settings.use_queue`` (``TAG2MASK_QUEUE=on``, or
    answers its tasks without a result too: Label
    Studio stores what /predict answers, so answering them would give a task two predictions.
 
+A malformed task (not an object, data or annotations of the wrong JSON type, an unusable id) gets
+the entry ``/predict`` gives inline, with the same sentence (:func:`backend.model.task_photo`,
+:func:`backend.model.task_failure_reason`); the rest of the batch goes on. TASKS_CREATED
+pre-labeling skips such tasks and names the first MAX_LISTED_ERRORS of them with their sentences.
+
 Every Redis failure surfaces as :class:`~backend.redis_conn.RedisUnavailable` (the server answers 503).
 """
 from __future__ import annotations
@@ -45,13 +50,17 @@ __all__ = ["PredictionQueue", "task_ref"]
 log = logging.getLogger("backend.queue")
 
 _POLL = 0.05
+MAX_LISTED_ERRORS = 20      # skipped tasks of a TASKS_CREATED webhook named in its reply
 
 
 def task_ref(task: dict, config: LabelConfig) -> str | None:
-    """The image reference (URL or path) of a Label Studio task, or None."""
-    data = task.get("data") if isinstance(task, dict) else None
-    ref = (data or {}).get(config.image_key)
-    return str(ref) if ref else None
+    """The image reference (URL or path) of a Label Studio task, or None (also for a malformed task)."""
+    from backend.model import task_photo
+
+    try:
+        return task_photo(task, config)[1]
+    except ValueError:
+        return None
 
 
 def _redacted(url: str) -> str:
@@ -138,13 +147,30 @@ class PredictionQueue:
         return out
 
     # -- predict -----------------------------------------------------------------------------
-    def _job_task(self, task: dict, config: LabelConfig) -> dict:
-        from backend.model import choose_tags
+    def _job_task(self, task, config: LabelConfig) -> dict:
+        """A worker's task for a Label Studio task; ValueError with the sentence ``/predict`` gives
+        inline for a malformed one (:func:`backend.model.task_photo`, :func:`backend.model.choose_tags`)."""
+        from backend.model import choose_tags, task_photo
 
-        ref = task_ref(task, config)
-        if not ref:
-            raise ValueError(f"task data has no {config.image_key!r} field")
-        return {"id": task.get("id"), "image": ref, "tags": choose_tags(task, config) or [], "ls": True}
+        tid, ref = task_photo(task, config)
+        return {"id": tid, "image": ref, "tags": choose_tags(task, config) or [], "ls": True}
+
+    def _job_tasks(self, tasks: list, config: LabelConfig) -> tuple[list[tuple[int, dict]], dict[int, str]]:
+        """([(index, worker task)] of the usable tasks, {index: reason} of the others: the sentence
+        ``/predict`` gives inline, :func:`backend.model.task_failure_reason`)."""
+        from backend.model import is_input_error, task_failure_reason
+
+        todo, refused = [], {}
+        for i, task in enumerate(tasks):
+            try:
+                todo.append((i, self._job_task(task, config)))
+            except Exception as exc:  # noqa: BLE001 - one bad task never sinks the batch
+                refused[i] = task_failure_reason(exc)
+                if is_input_error(exc):
+                    log.warning("task %d of the request failed: %s", i, refused[i])
+                else:
+                    log.exception("task %d of the request failed", i)
+        return todo, refused
 
     def _creds(self, model) -> dict:
         creds = {}
@@ -159,16 +185,9 @@ class PredictionQueue:
         config = model.use_label_config(None)
         version = model.model_version
         results: list[dict | None] = [None] * len(tasks)
-        pending: list[tuple[int, dict]] = []
-        for i, task in enumerate(tasks):
-            try:
-                if not isinstance(task, dict):
-                    raise ValueError("a task must be a JSON object")
-                job_task = self._job_task(task, config)
-            except ValueError as exc:
-                results[i] = {"model_version": version, "score": 0.0, "error": str(exc)}
-                continue
-            pending.append((i, job_task))
+        pending, refused = self._job_tasks(tasks, config)
+        for i, reason in refused.items():
+            results[i] = {"model_version": version, "score": 0.0, "error": reason}
         try:
             conn = self.connection()
             cache = ResultCache(conn)
@@ -252,23 +271,23 @@ class PredictionQueue:
     # -- webhooks, progress ------------------------------------------------------------------
     def prelabel(self, model, tasks: list, project: str | None) -> dict:
         """Enqueue batch pre-labeling (pushed by workers) of Label Studio tasks; returns
-        ``{"status": "queued", "tasks": n, "jobs": [ids], "skipped": n}``."""
+        ``{"status": "queued", "tasks": n, "jobs": [ids], "skipped": n}``, plus ``"errors": [{"index",
+        "error"}]`` for the first MAX_LISTED_ERRORS skipped tasks (the sentences ``/predict`` gives)."""
         config = model.use_label_config(None)
-        todo, skipped = [], 0
-        for i, task in enumerate(tasks or []):
-            try:
-                todo.append((i, self._job_task(task, config)))
-            except (ValueError, AttributeError):
-                skipped += 1
+        todo, refused = self._job_tasks(list(tasks or []), config)
+        skipped = len(refused)
+        reply_errors = {"errors": [{"index": i, "error": reason} for i, reason in
+                                   list(refused.items())[:MAX_LISTED_ERRORS]]} if refused else {}
         if not todo:
-            return {"status": "queued", "tasks": 0, "jobs": [], "skipped": skipped}
+            return {"status": "queued", "tasks": 0, "jobs": [], "skipped": skipped, **reply_errors}
         try:
             conn = self.connection()
             results: list = [None] * (len(tasks))
             jobs = self._predict_batch(conn, model, project, todo, results, push=True)
         except (redis.RedisError, OSError) as exc:
             raise self._unavailable(exc) from None
-        return {"status": "queued", "tasks": len(todo), "jobs": [j.id for j, _ in jobs], "skipped": skipped}
+        return {"status": "queued", "tasks": len(todo), "jobs": [j.id for j, _ in jobs], "skipped": skipped,
+                **reply_errors}
 
     def job(self, job_id: str) -> dict | None:
         try:

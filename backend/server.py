@@ -18,7 +18,8 @@ route              method  reply
                            "training": {...}}``: annotations stored as training examples, START_TRAINING
                            queues a training (backend.training_jobs); other actions -> ``{"status": "ignored"}``
 /webhook           POST    TASKS_CREATED (queue mode, TAG2MASK_PRELABEL_ON_CREATE): the new tasks are enqueued
-  (TASKS_CREATED)          for pre-labeling -> ``{"status": "queued", "tasks", "jobs", "skipped"}``
+  (TASKS_CREATED)          for pre-labeling -> ``{"status": "queued", "tasks", "jobs", "skipped"}`` (+ "errors":
+                           the first malformed tasks' index and sentence)
 /jobs/<id>         GET     a queue job: status, progress (meta done/total/failed), times, error (404 unknown)
 /projects/<id>/    GET     ``{"project", "jobs", "tasks", "queued", "running", "done", "failed", "rate",
   progress                 "eta_s"}`` over the project's prediction jobs
@@ -43,7 +44,8 @@ at most TAG2MASK_MAX_TASKS tasks (413). Project ids must be ids (``"<id>.<ts>"``
 they name files and Redis keys), ``label_config`` / ``params`` must be a string / an object (400). A
 malformed task (not an object, data or annotations of the wrong type, a bad id) fails alone, with a
 sentence in its entry (backend.model); a malformed webhook annotation is refused with 400
-(backend.examples). Every echoed value is cut short (errors at 1000 characters); webhook actions not
+(backend.examples) and not appended to events.jsonl. At most MAX_PROJECTS (256) projects are kept in
+memory, the least recently used dropped first. Every echoed value is cut short (errors at 1000 characters); webhook actions not
 Label Studio's share one ``webhook_unknown`` counter. A bug answers 500 "the server failed on this
 request; the error was logged" (a task's entry: "... on this task ...") and logs the traceback.
 
@@ -65,7 +67,7 @@ import hmac
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
@@ -82,6 +84,7 @@ __all__ = ["create_app", "prepare_routes"]
 log = logging.getLogger("backend.server")
 
 MAX_ERROR_CHARS = 1000      # an error reply is cut here (it may quote the request)
+MAX_PROJECTS = 256          # projects kept in memory (config, hostname, token); the least recently used go
 # Label Studio's webhook actions (each gets a /metrics counter; any other action counts as
 # webhook_unknown, so a sender cannot create counters)
 WEBHOOK_ACTIONS = TRAINING_EVENTS | frozenset({
@@ -144,7 +147,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes    # 413 past it, chunked bodies too
     app.json = _StrictJSON(app)
     metrics = _Metrics()
-    projects: dict[str, Tag2MaskModel] = {}     # project id -> model (config, hostname, token from /setup)
+    projects: OrderedDict[str, Tag2MaskModel] = OrderedDict()   # project id -> model (config, hostname,
+    # token from /setup), least recently used first: at most MAX_PROJECTS
     projects_lock = threading.Lock()
     prepare_routes()                            # before the warm-up thread starts importing torch
     version = Tag2MaskModel(settings).model_version
@@ -163,6 +167,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             m = projects.get(key)
             if m is None:
                 m = projects[key] = Tag2MaskModel(settings, project_id=project)
+                while len(projects) > MAX_PROJECTS:
+                    projects.popitem(last=False)
+            projects.move_to_end(key)
             if label_config and m.label_config != label_config:
                 m.label_config, m.parsed = label_config, None
             # a project this process has not seen /setup for (another worker got it) borrows the
@@ -333,14 +340,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         if pid is None and isinstance(annotation, dict):    # where backend.training_jobs looks next
             _project_id(annotation.get("project"), "the annotation's project")
         model = model_for(pid, schema)
-        reply = model.fit(action, data)
         # issue 5: store the example / queue a training (backend.training_jobs); Redis down -> a note
         from backend.training_jobs import handle_training_event
 
         try:
-            reply["training"] = handle_training_event(action, data, settings)
-        except ValueError as exc:      # a malformed annotation (see backend.examples)
+            training = handle_training_event(action, data, settings)
+        except ValueError as exc:      # a malformed annotation (see backend.examples): not recorded either
             return error(400, f"annotation not stored: {clip(str(exc), 400)}")
+        reply = model.fit(action, data)     # events.jsonl: only events the example store accepted
+        reply["training"] = training
         return jsonify(reply)
 
     def tasks_created(data: dict):
