@@ -10,20 +10,17 @@ to the stricter 1 s too (measured on 2 busy cores: /setup and /versions 5-30 ms,
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 
-import pytest
 import requests
 
 from backend.label_config import DEFAULT_LABEL_CONFIG
 from backend.registry import ModelRegistry
+from tests.backend_process import backend_env, backend_process, free_port
 from tests.conftest import REPO
 
 BUDGET_S = 1.0          # Label Studio: 1 s for /health; 3 s for /setup, held to 1 s here
@@ -42,35 +39,19 @@ def _promote_tiny_version(model_dir, project: str = PROMOTED) -> str:
     return version
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _timed(method, url, **kw) -> tuple[float, requests.Response]:
     t = time.perf_counter()
     r = requests.request(method, url, timeout=30, **kw)
     return time.perf_counter() - t, r
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LABEL_STUDIO", "BASIC_AUTH", "TAG2MASK_", "REDIS_URL"))}
-    env.update(TAG2MASK_THREADS="1", PYTHONPATH=str(REPO), LOG_LEVEL="WARNING", **extra)
-    return env
-
-
 def test_routes_answer_fast_from_the_first_moment_while_the_model_loads(tmp_path, horse_dir):
     version = _promote_tiny_version(tmp_path / "md")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     # the real thing: gunicorn, the default backbone and preset, the warm-up thread on
-    proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--threads", "4"], cwd=str(tmp_path),
-                            env=_env(MODEL_DIR=str(tmp_path / "md"), TAG2MASK_LOCAL_ROOTS=str(horse_dir)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    env = backend_env(MODEL_DIR=str(tmp_path / "md"), TAG2MASK_LOCAL_ROOTS=str(horse_dir))
+    with backend_process(port, env, cwd=tmp_path, threads=4) as proc:
         deadline = time.monotonic() + 120
         while True:     # the first /health that connects: the server has just started listening
             try:
@@ -130,13 +111,6 @@ def test_routes_answer_fast_from_the_first_moment_while_the_model_loads(tmp_path
         assert not caller.is_alive() and predicted["took"] < PREDICT_BUDGET_S
         result = predicted["r"].json()["results"][0]
         assert result["model_version"] == base_version and result["result"], result
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 # run in a fresh interpreter: the test session itself has imported torch
@@ -163,7 +137,7 @@ _NO_TORCH = textwrap.dedent("""
 def test_the_route_path_never_imports_torch(tmp_path):
     version = _promote_tiny_version(tmp_path)
     run = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path), json.dumps(SETUP), PROMOTED],
-                         cwd=str(REPO), env=_env(), capture_output=True, text=True, timeout=120)
+                         cwd=str(REPO), env=backend_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["torch"] == {"after import": False, "after prepare_routes": False, "after the routes": False}
@@ -185,7 +159,7 @@ def test_the_model_settings_and_results_import_without_torch():
             "from explainers.segment import Tag2Mask\n"
             "from explainers import load_backbone, LayerRecorder\n"
             "assert 'torch' in sys.modules and Tag2Mask.__name__ == 'Tag2Mask'\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=_env(), capture_output=True,
+    run = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=backend_env(), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
 

@@ -6,12 +6,7 @@ counters, echoed strings) are bounded, and /health is UP at the end, with no tra
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,18 +16,12 @@ from PIL import Image
 
 from backend.label_config import DEFAULT_LABEL_CONFIG
 from backend.ls_results import mask_to_rle
-from tests.conftest import REPO
+from tests.backend_process import backend_env, backend_process, free_port
 
 GOOD_PHOTO = "/data/local-files/?d=images/horse283.jpg"      # the classifier itself says horse
 MAX_REQUEST_BYTES = 16 * 1024 * 1024                           # the server's TAG2MASK_MAX_REQUEST_BYTES here
 BIG = "é" * 10_000                                             # a 10 000-character unicode string
 WEBHOOK_PROJECT = {"id": 3, "label_config": DEFAULT_LABEL_CONFIG}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Server:
@@ -58,18 +47,13 @@ class _Server:
 @pytest.fixture(scope="module")
 def server(horse_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "BASIC_AUTH", "REDIS", "TAG2MASK"))}
-    env.update(TAG2MASK_THREADS="1", TAG2MASK_PRESET="fast", TAG2MASK_LOCAL_ROOTS=str(horse_dir),
-               TAG2MASK_QUEUE="off", TAG2MASK_WARMUP="1", TAG2MASK_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
-               MODEL_DIR=str(tmp / "model_dir"), PYTHONPATH=str(REPO), LOG_LEVEL="WARNING")
+    port = free_port()
+    env = backend_env(TAG2MASK_PRESET="fast", TAG2MASK_LOCAL_ROOTS=str(horse_dir), TAG2MASK_QUEUE="off",
+                      TAG2MASK_WARMUP="1", TAG2MASK_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
+                      MODEL_DIR=str(tmp / "model_dir"))
     log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1", "--threads", "2"], cwd=str(tmp), env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = _Server(f"http://127.0.0.1:{port}", log_path, proc)
-    try:
+    with open(log_path, "wb") as log, backend_process(port, env, cwd=tmp, stdout=log) as proc:
+        srv = _Server(f"http://127.0.0.1:{port}", log_path, proc)
         for _ in range(240):
             try:
                 if srv.get("/health", timeout=1).json()["status"] == "UP":
@@ -79,13 +63,6 @@ def server(horse_dir, tmp_path_factory):
         else:
             pytest.fail("the server did not answer /health:\n" + srv.log()[-3000:])
         yield srv
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _good(tid: int) -> dict:

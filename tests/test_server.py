@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +18,8 @@ from backend.ls_results import decode_rle
 from backend.model import engine_loaded
 from backend.server import create_app
 from backend.settings import Settings
-from tests.conftest import REPO, horse_stems
+from tests.backend_process import backend_env, backend_process, free_port
+from tests.conftest import horse_stems
 
 TOKEN = "tok-should-never-leak-42"
 IOU_FLOOR = 0.4     # fast preset, classifier-chosen tags; measured ~0.6-0.8 on these photos
@@ -202,22 +198,11 @@ def test_basic_auth(settings, tmp_path):
     assert c.get("/metrics").status_code == 401
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gunicorn_smoke(horse_dir, stems, tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "BASIC_AUTH"))}
-    env.update(TAG2MASK_THREADS="1", TAG2MASK_PRESET="fast", TAG2MASK_LOCAL_ROOTS=str(horse_dir),
-               MODEL_DIR=str(tmp_path / "md"), PYTHONPATH=str(REPO), LOG_LEVEL="WARNING")
-    proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--threads", "2"], cwd=str(tmp_path), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    env = backend_env(TAG2MASK_PRESET="fast", TAG2MASK_LOCAL_ROOTS=str(horse_dir), MODEL_DIR=str(tmp_path / "md"))
     base = f"http://127.0.0.1:{port}"
-    try:
+    with backend_process(port, env, cwd=tmp_path):
         for _ in range(120):
             try:
                 if requests.get(base + "/health", timeout=1).json()["status"] == "UP":
@@ -236,10 +221,3 @@ def test_gunicorn_smoke(horse_dir, stems, tmp_path):
         assert len(res) == 2 and res[0]["model_version"] == version and "result" not in res[1]
         assert {it["type"] for it in res[0]["result"]} == {"choices", "brushlabels", "polygonlabels", "rectanglelabels"}
         assert requests.post(base + "/predict", data="{bad", timeout=5).status_code == 400
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
