@@ -1,9 +1,11 @@
 """The ``tag2mask`` command line.
 
     tag2mask label PATH... --tags horse[,dog] [--tags-csv FILE] --out DIR   pre-label photos for Label Studio
+        [--project P --model-dir DIR]          with project P's promoted trained heads (backend.offline)
     tag2mask explain IMAGE --method gradcam [--layer L] [--tag T] --out FILE.png
     tag2mask eval --images DIR --masks DIR --tag horse [--split FILE] [--limit N] [--json] [--report DIR]
     tag2mask eval --images DIR --masks DIR --classes FILE --tags-csv FILE|--tags-from-mask [--ignore 255] [...]
+        [--project P --model-dir DIR]          scored with project P's promoted trained heads
     tag2mask demo [--out demo-out]                                           bundled photos -> demo-out/index.html
     tag2mask serve [--host H] [--port P]                                     the Label Studio ML backend
     tag2mask worker [...]                                                    a job-queue worker (backend.worker)
@@ -14,8 +16,14 @@
     tag2mask models list|promote|rollback                                    the project model registry
     tag2mask backbones                                                       classifiers that can be used
 
+With ``--project P`` (and ``--model-dir DIR``, default ``$MODEL_DIR`` or ``./model_dir``), ``label`` and
+``eval`` run the engine with the project's promoted heads, as the service serves that project: the
+labels the heads were trained on are usable tags (also those ImageNet cannot name), and the model
+version printed and written into tasks.json is the service's ``<base>+p<P>.vN``.
+
 Exit status: 0 everything worked, 1 some photos failed (each reported on one line), 2 usage errors
-(bad options, unknown tag / backbone / method / layer, missing input folder). Heavy modules (torch)
+(bad options, unknown tag / backbone / method / layer, missing input folder, a project without a
+promoted model). Heavy modules (torch)
 are imported only by the commands that need them, so ``--help`` is instant.
 """
 from __future__ import annotations
@@ -89,13 +97,52 @@ def model_version(args) -> str:
 
 
 def check_tags(engine, tags: Sequence[str], what: str = "--tags") -> None:
-    from explainers.errors import UnknownTagError
-
+    """Each tag must be one the engine can segment: the classifier names it, or the project's heads
+    (``--project``) were trained on it; else a usage error with the reason (and where to get heads)."""
     for tag in tags:
-        try:
-            engine.class_set(tag)
-        except UnknownTagError as exc:
-            raise UsageError(f"{what}: {exc}") from None
+        reason = engine.unusable_reason(tag)
+        if reason is None:
+            continue
+        end = "" if reason.endswith((".", "?", "!")) else "."
+        known = engine.head_labels() if engine.heads is not None else None
+        if known is None:
+            hint = (" A label of your own can be learnt from corrected masks: `tag2mask train ... --project P "
+                    "--model-dir DIR`, then label with --project P --model-dir DIR.")
+        else:
+            hint = f" The project's trained labels are: {', '.join(known) or '(none)'}."
+        raise UsageError(f"{what}: {reason}{end}{hint}")
+
+
+def add_heads_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trained heads (offline, as the service serves a project)")
+    g.add_argument("--project", metavar="P",
+                   help="use project P's promoted heads from the registry in --model-dir (see `tag2mask models list`): "
+                        "its labels become usable tags, its seg head refines their masks")
+    g.add_argument("--model-dir", metavar="DIR",
+                   help="with --project: the folder `tag2mask train --model-dir` wrote "
+                        "(default: $MODEL_DIR or ./model_dir)")
+
+
+def use_project_heads(args, engine) -> str:
+    """Set ``--project``'s promoted heads on `engine` (backend.offline) and return the model version
+    to report: the service's ``<base>+p<P>.vN``, or the base version without ``--project``."""
+    _check_heads_args(args)
+    base = model_version(args)
+    project, model_dir = getattr(args, "project", None), getattr(args, "model_dir", None)
+    if project is None:
+        return base
+    from backend.offline import OfflineHeadsError, load_offline_heads
+    from backend.settings import Settings
+
+    try:
+        heads = load_offline_heads(model_dir or Settings.from_env().model_dir, project, engine.backbone)
+    except OfflineHeadsError as exc:
+        raise UsageError(str(exc)) from None
+    engine.set_heads(heads.heads)
+    version = heads.model_version(base)
+    print(f"project {heads.project}: trained heads {heads.version} from {heads.model_dir} "
+          f"(labels: {', '.join(heads.labels)}); model version {version}", file=sys.stderr)
+    return version
 
 
 # -- label ----------------------------------------------------------------------------------------
@@ -121,12 +168,14 @@ def cmd_label(args) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
 
+    _check_heads_args(args)
     photos, errors = collect_photos(args.paths, exclude=[out])
     engine = make_engine(args)
+    version = use_project_heads(args, engine)
     check_tags(engine, tags)
     summary = label_photos(photos, engine, out, tags=tags, tags_map=tags_map, errors=errors,
                            image_root_url=args.image_root_url, label_config=config,
-                           model_version=model_version(args), progress=not args.quiet)
+                           model_version=version, progress=not args.quiet)
     n = summary.ok + len(summary.errors)
     line = f"labelled {summary.ok} of {n} photos in {summary.seconds:.1f} s -> {out}/tasks.json"
     if summary.errors:
@@ -137,7 +186,19 @@ def cmd_label(args) -> int:
     if summary.errors or summary.tag_errors:
         line += f" (see {out}/errors.json)"
     print(line)
+    if getattr(args, "project", None) is not None:
+        print(f"model version {version}")
     return summary.exit_status
+
+
+def _check_heads_args(args) -> None:
+    """Cheap checks of --project / --model-dir before the model loads (the registry is read later)."""
+    project, model_dir = getattr(args, "project", None), getattr(args, "model_dir", None)
+    if project is None and model_dir:
+        raise UsageError("--model-dir goes with --project P (the project whose promoted heads to use)")
+    if model_dir and not Path(model_dir).is_dir():
+        raise UsageError(f"--model-dir {model_dir}: no such folder (give the folder that "
+                         "`tag2mask train --model-dir` wrote)")
 
 
 def _read_label_config(path: str):
@@ -254,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Label Studio labeling config (XML) to fill (default: Choices/BrushLabels/"
                         "PolygonLabels/RectangleLabels for the tags; written to DIR/label_config.xml)")
     _model_options(p)
+    add_heads_options(p)
     _progress_option(p)
     p.set_defaults(func=cmd_label)
 
@@ -289,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR",
                    help="write DIR/index.html with the best, median and worst photos (photo, CAM, mask, truth)")
     _model_options(p)
+    add_heads_options(p)
     _progress_option(p)
     p.set_defaults(func=cmd_eval)
 

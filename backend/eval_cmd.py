@@ -17,6 +17,11 @@ Two kinds of ground truth, photos matched to masks by stem (``images/horse301.jp
   sky-other-merged ...) is "not coverable": left out of the photo's tags and of every mean, and
   reported with the reason and its number of photos.
 
+With ``--project P --model-dir DIR`` the engine carries the project's promoted heads (``backend.offline``,
+as the service serves that project): their labels are coverable tags too (a class named like a trained
+label, "face" or "Pony photo", is scored through the served pipeline), and the report names the model
+version (``<base>+p<P>.vN``; ``"model_version"`` and ``"project"`` in ``--json``).
+
 Public API::
 
     pairs, errors = find_pairs("images/", "masks/", split="split_test.txt", limit=10)
@@ -246,17 +251,15 @@ def load_label_mask(path: Path) -> np.ndarray:
 
 
 def _coverage(engine, classes: dict[int, str]) -> tuple[dict[int, str], dict[int, str]]:
-    """({id: name} of the classes the engine can segment, {id: reason} of the others)."""
-    from explainers.errors import UnknownTagError
-
+    """({id: name} of the classes the engine can segment -- the classifier names them, or the
+    project's trained heads know them -- and {id: reason} of the others)."""
     coverable, not_coverable = {}, {}
     for cid, name in classes.items():
-        try:
-            engine.class_set(name)
-        except UnknownTagError as exc:
-            not_coverable[cid] = str(exc)
-        else:
+        reason = engine.unusable_reason(name)
+        if reason is None:
             coverable[cid] = name
+        else:
+            not_coverable[cid] = reason
     return coverable, not_coverable
 
 
@@ -441,9 +444,10 @@ def _check_mode(args) -> None:
 
 def run_eval(args) -> int:
     """The command: parse-level checks -> usage errors (2); any failed photo -> 1."""
-    from backend.cli import UsageError, check_tags, make_engine
+    from backend.cli import UsageError, _check_heads_args, check_tags, make_engine, use_project_heads
 
     _check_mode(args)
+    _check_heads_args(args)
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
     classes = photo_tags = None
@@ -464,6 +468,7 @@ def run_eval(args) -> int:
     if not pairs and not errors:
         raise UsageError(f"--images {args.images}: no photos to evaluate")
     engine = make_engine(args)
+    version = use_project_heads(args, engine)
     if classes is None:
         check_tags(engine, [args.tag], "--tag")
     for e in errors:
@@ -477,12 +482,15 @@ def run_eval(args) -> int:
                                keep_masks=bool(report_dir))
         what = f"classes {Path(args.classes).name}" + (f", ignoring {','.join(map(str, ignore))}" if ignore else "")
     run.errors[:0] = errors
+    project = getattr(args, "project", None)
     meta = {"backbone": args.backbone, "preset": args.preset, "device": str(engine.backbone.device),
-            "errors": [e.error for e in run.errors]}
+            "model_version": version, "project": project, "errors": [e.error for e in run.errors]}
     meta = {"tag": args.tag, **meta} if classes is None else \
         {"classes_file": str(args.classes), "tags": str(args.tags_csv) if args.tags_csv else "from the masks",
          "ignore": ignore, **meta}
     title = f"tag2mask eval: {what}, {args.backbone}, preset {args.preset}, {meta['device']}"
+    if project is not None:
+        title += f", project {project}'s trained heads ({version})"
     if args.json:
         out = dict(run.summary)
         for key in ("worst", "worst_classes"):
@@ -499,6 +507,7 @@ def run_eval(args) -> int:
     if report_dir:
         from backend.eval_report import write_report
 
-        index = write_report(run, report_dir, what, f"{what}, {args.backbone}, preset {args.preset}")
+        heads = f", model {version}" if project is not None else ""
+        index = write_report(run, report_dir, what, f"{what}, {args.backbone}, preset {args.preset}{heads}")
         print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 1 if run.errors or not run.photos else 0
