@@ -6,7 +6,7 @@ Importing it (or a torch-free part of it: ``explainers.errors``, ``explainers.im
 ``explainers.segment.config``, ``explainers.segment.types``) does not import torch; the names that
 need torch (``load_backbone``, ``Backbone``, ``LayerRecorder``...) load their module on first use.
 """
-from importlib import import_module
+from explainers.lazy import lazy_names
 
 from explainers.errors import (
     BackboneError,
@@ -40,13 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -3,7 +3,7 @@
 The settings (``PipelineConfig``...) and result types import without torch; ``Tag2Mask`` (the
 pipeline, which needs torch) loads :mod:`explainers.segment.pipeline` on first use.
 """
-from importlib import import_module
+from explainers.lazy import lazy_names
 
 from explainers.segment.config import (
     BackgroundConfig,
@@ -24,13 +24,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
