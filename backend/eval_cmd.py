@@ -128,13 +128,22 @@ def load_mask(path: Path) -> np.ndarray:
     return arr.any(axis=2) if arr.ndim == 3 else arr > 0
 
 
+def _photo_and_mask(image_path: Path, mask_path: Path, load) -> tuple[np.ndarray, np.ndarray]:
+    """The photo and its mask read by `load` (ValueError when their sizes differ)."""
+    from explainers.imageio import load_image
+
+    image, gt = load_image(image_path), load(mask_path)
+    if gt.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask_path} is {gt.shape[1]}x{gt.shape[0]}, photo is {image.shape[1]}x{image.shape[0]}")
+    return image, gt
+
+
 def evaluate(engine, pairs: Sequence[tuple[str, Path, Path]], tag: str, progress: bool = True,
              keep_masks: bool = False, report: Callable[[str], None] | None = None) -> EvalRun:
     """Segment each photo with `tag` and score it; a failing photo is an error entry, the rest go on."""
     from tqdm import tqdm
 
     from explainers.errors import ExplainersError
-    from explainers.imageio import load_image
     from explainers.metrics import SegmentationScore
 
     score = SegmentationScore()
@@ -142,11 +151,7 @@ def evaluate(engine, pairs: Sequence[tuple[str, Path, Path]], tag: str, progress
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     for stem, image_path, mask_path in tqdm(pairs, unit="photo", desc="eval", disable=not progress, file=sys.stderr):
         try:
-            image = load_image(image_path)
-            gt = load_mask(mask_path)
-            if gt.shape != image.shape[:2]:
-                raise ValueError(f"mask {mask_path} is {gt.shape[1]}x{gt.shape[0]}, "
-                                 f"photo is {image.shape[1]}x{image.shape[0]}")
+            image, gt = _photo_and_mask(image_path, mask_path, load_mask)
             t0 = time.perf_counter()
             result = engine.predict(image, [tag])
             seconds = time.perf_counter() - t0
@@ -276,7 +281,6 @@ def evaluate_classes(engine, pairs: Sequence[tuple[str, Path, Path]], classes: d
     from tqdm import tqdm
 
     from explainers.errors import ExplainersError
-    from explainers.imageio import load_image
     from explainers.metrics import ClassScores
 
     coverable, reasons = _coverage(engine, classes)
@@ -288,11 +292,7 @@ def evaluate_classes(engine, pairs: Sequence[tuple[str, Path, Path]], classes: d
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     for stem, image_path, mask_path in tqdm(pairs, unit="photo", desc="eval", disable=not progress, file=sys.stderr):
         try:
-            image = load_image(image_path)
-            gt = load_label_mask(mask_path)
-            if gt.shape != image.shape[:2]:
-                raise ValueError(f"mask {mask_path} is {gt.shape[1]}x{gt.shape[0]}, "
-                                 f"photo is {image.shape[1]}x{image.shape[0]}")
+            image, gt = _photo_and_mask(image_path, mask_path, load_label_mask)
             if photo_tags is None:
                 ids = [int(v) for v in np.unique(gt) if int(v) not in ignored]
                 unknown = [v for v in ids if v not in classes]
