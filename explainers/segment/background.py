@@ -10,7 +10,9 @@ The background probability comes from how strongly any tag fires at a pixel:
   (self-calibrating: no threshold to tune per backbone), clamped to [otsu_min, otsu_max]
 
 Each tag's foreground probability is scaled by its presence (its classifier probability relative to
-the photo's likeliest tag, see :func:`presence`), so an unlikely extra tag claims little. The
+the photo's likeliest tag, see :func:`presence`), so an unlikely extra tag claims little; below
+``presence_gate`` it claims nothing (its mask is left empty rather than painted where its noisy CAM
+happens to peak). The
 foreground mass 1 - bg is then shared among the tags in proportion to their weighted CAMs, so one
 tag gets everything where the others do not fire. Output: (K + 1, h, w) float32, background first,
 summing to 1 per pixel, each value at least `min_prob` (the CRF takes logs).
@@ -58,15 +60,17 @@ def background_score(cams: torch.Tensor, cfg: BackgroundConfig, presence: torch.
                      "('auto' is resolved by calibrated())")
 
 
-def presence(tag_probs: torch.Tensor, power: float) -> torch.Tensor:
-    """(K,) classifier probabilities -> (K,) presence weights: (p_k / max_j p_j) ** power.
+def presence(tag_probs: torch.Tensor, power: float, gate: float = 0.0) -> torch.Tensor:
+    """(K,) classifier probabilities -> (K,) presence weights: (p_k / max_j p_j) ** power, and 0 for a
+    tag whose relative probability p_k / max_j p_j is below `gate` (it is left empty).
 
     Relative to the photo's likeliest tag, so a lone tag always counts fully (the person tagged it,
     even where the classifier hesitates), while a tag far less likely than another one of the photo
-    gets little of it.
+    gets little of it, or nothing below the gate.
     """
-    rel = tag_probs / tag_probs.max().clamp_min(1e-12)
-    return rel.clamp(0, 1) ** power
+    rel = (tag_probs / tag_probs.max().clamp_min(1e-12)).clamp(0, 1)
+    weight = rel ** power
+    return torch.where(rel < gate, torch.zeros_like(weight), weight) if gate > 0 else weight
 
 
 def otsu_thresholds(cams: torch.Tensor, bins: int = 64) -> torch.Tensor:
@@ -86,7 +90,8 @@ def otsu_thresholds(cams: torch.Tensor, bins: int = 64) -> torch.Tensor:
 def class_probabilities(cams: torch.Tensor, cfg: BackgroundConfig, tag_probs: torch.Tensor | None = None) -> np.ndarray:
     """(K, h, w) CAMs [+ (K,) tag probabilities] -> (K + 1, h, w) float32 probabilities on the CPU, background first."""
     with torch.no_grad():
-        pres = presence(tag_probs.to(cams.device).float(), cfg.presence_power) if tag_probs is not None else None
+        pres = (presence(tag_probs.to(cams.device).float(), cfg.presence_power, cfg.presence_gate)
+                if tag_probs is not None else None)
         bg = background_score(cams, cfg, pres)
         weighted = cams * pres[:, None, None] if pres is not None else cams
         total = weighted.sum(dim=0, keepdim=True)
