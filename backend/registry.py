@@ -20,7 +20,7 @@ Public API::
 
 Promotion rule: a version is promoted when there is no current one, or when none of the validation
 metrics it shares with the current one (``PROMOTION_METRICS``: map, f1, fg_iou of the seg head alone,
-pipeline_fg_iou of the served pipeline -- CAM + seg head fused at the version's weight + CRF; higher is better)
+pipeline_fg_iou of the served pipeline -- CAM + seg head fused as the version's per-label choice says, CRF on or off; higher is better)
 drops by more than ``tolerance``, and it does not lose a metric the current one has (e.g. a seg head).
 ``force=True`` promotes anyway (recorded in the log). Scores of two versions are computed on their own
 validation splits; the split is a stable hash of example ids, so most of it is shared.

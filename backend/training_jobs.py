@@ -22,8 +22,9 @@ The pieces of issue 5 that connect the foundation (``backend.examples``, ``expla
   lock with a TTL; a second job finding it held returns ``{"status": "skipped"}``). Examples ->
   :class:`explainers.training.Sample` (photos through :class:`backend.image_fetch.ImageFetcher`) ->
   :func:`explainers.training.train_heads` on the process's backbone (CUDA when present unless
-  ``TAG2MASK_DEVICE`` says otherwise) -> the seg head's fusion weight chosen on the validation masks
-  (:func:`tune_fusion`, ``TAG2MASK_PRESET``'s pipeline) -> ``ModelRegistry.save_result(..., examples_revision=rev)``
+  ``TAG2MASK_DEVICE`` says otherwise) -> how the heads combine with the CAM and the CRF, chosen per
+  label on the validation masks (:func:`tune_fusion`, ``TAG2MASK_PRESET``'s pipeline) -> the heads
+  refit on every example (:func:`explainers.training.refit_heads`) -> ``ModelRegistry.save_result(..., examples_revision=rev)``
   -> ``promote`` (refused when validation regresses; the decision is written into the version's
   ``meta.json`` under ``"promotion"`` and logged).
 * :func:`train_and_register` -- the shared core (also used by ``tag2mask train``).
@@ -543,21 +544,24 @@ def _record_promotion(registry: ModelRegistry, project, version: str, promotion,
 
 
 def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -> dict | None:
-    """Choose the seg head's fusion weight of a :class:`~explainers.training.TrainResult` on its
-    validation samples that have masks (:func:`explainers.segment.fusion_tuning.choose_fusion_weight`,
-    the pipeline of `preset`), set ``result.fusion_weight`` and return the choice for the version's
-    meta (``validation["fusion"]``). Without enough validation masks the weight is
+    """Choose, per label, how the parts of a :class:`~explainers.training.TrainResult` combine in the
+    pipeline of `preset` (seg head weight x CRF on/off; the CAM the engine serves for the tag, the
+    classifier head's for labels ImageNet cannot name) on its validation samples that have masks
+    (:func:`explainers.segment.fusion_tuning.choose_fusion`); set ``result.fusion`` (per label) and
+    ``result.fusion_weight`` (the best over all labels) and return the choice for the version's meta
+    (``validation["fusion"]``), with ``validation["pipeline_fg_iou"]`` = the served pipeline's
+    validation score. Without enough validation masks the weight is
     :func:`~explainers.segment.fusion_tuning.fallback_weight`'s (box-only heads: 0.25; else None,
     the engine's default), with ``"rule"`` saying so. None when there is no seg head, or no
     validation mask and no fallback; ``{"error": ...}`` when the choice failed (logged; the training
     is kept with the default weight)."""
     if result.segmenter is None:
         return None
-    from explainers.segment.fusion_tuning import choose_fusion_weight, fallback_weight
+    from explainers.segment.fusion_tuning import Combo, choose_fusion, fallback_weight
 
     val_keys = set(result.val_keys)
     val = [s for s in samples if str(s.key) in val_keys and s.masks]
-    meta = None
+    meta = choice = engine = None
     if val:
         from explainers.segment import PipelineConfig, Tag2Mask
         from explainers.training import ProjectHeads
@@ -565,24 +569,29 @@ def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -
         try:
             engine = Tag2Mask(backbone, PipelineConfig.preset(preset))
             heads = ProjectHeads(backbone, result.classifier, result.segmenter, result.layers, result.size)
-            choice = choose_fusion_weight(engine, heads, val)
+            choice = choose_fusion(engine, heads, val)
         except Exception as exc:   # noqa: BLE001 - the heads are still good; serve them at the default weight
-            log.warning("fusion weight not chosen (%s: %s); the default stays", type(exc).__name__, exc)
+            log.warning("fusion not chosen (%s: %s); the default stays", type(exc).__name__, exc)
             return {"error": f"{type(exc).__name__}: {exc}"}
         result.fusion_weight = choice.weight
+        result.fusion = choice.fusion
         result.seconds["fusion_tuning"] = choice.seconds
         meta = choice.to_meta()
     fallback = fallback_weight(result.counts)
     if result.fusion_weight is None and fallback is not None:
         result.fusion_weight = fallback
         meta = {**(meta or {}), "chosen": fallback, "rule": "seg head trained on boxes only"}
-    if val and choice.scores:
-        # what will be served: the pipeline at the weight the heads carry (else the preset's); the
-        # registry compares this score between versions before promoting (PROMOTION_METRICS)
-        served = result.fusion_weight if result.fusion_weight is not None else engine.fusion_weight()
-        if float(served) in choice.scores:
-            result.validation["pipeline_fg_iou"] = choice.scores[float(served)]
-            meta["served_weight"] = float(served)
+    if choice is not None and choice.scores:
+        # what will be served on validation: the chosen per-label mix, else the pipeline at the weight
+        # the heads carry (or the preset's) with its CRF; the registry compares this score between
+        # versions before promoting (PROMOTION_METRICS)
+        served_weight = result.fusion_weight if result.fusion_weight is not None else engine.fusion_weight()
+        served = choice.served if choice.served is not None else \
+            choice.score_of(Combo(float(served_weight), bool(engine.config.crf.enabled)))
+        if served is not None:
+            result.validation["pipeline_fg_iou"] = served
+            meta["served_weight"] = float(served_weight)
+            meta["served"] = served
     return meta
 
 
@@ -590,23 +599,30 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
                        config: dict | None = None, examples_revision: int | None = None, promote: bool = True,
                        force: bool = False, tolerance: float = 0.0, trigger: str = "manual",
                        extra_meta: dict | None = None, preset: str = "balanced") -> dict:
-    """Train heads on `samples`, choose their fusion weight on the validation masks
-    (:func:`tune_fusion`, the pipeline of `preset`), save a registry version, promote it unless
-    validation regresses.
+    """Train heads on `samples` (the hash split's train part), choose per label how they combine
+    in the pipeline on the validation masks (:func:`tune_fusion`, the pipeline of `preset`), refit
+    them on every example with that choice (:func:`explainers.training.refit_heads`,
+    ``TrainConfig.refit``), save a registry version, promote it unless validation regresses.
 
     Returns ``{"project", "version", "promoted", "reason", "previous", "current", "validation",
-    "counts", "seconds", "labels", "fusion_weight"}`` (``fusion_weight`` None: the engine's default;
-    the per-weight scores are in ``validation["fusion"]``). A refused promotion is logged (warning)
-    and recorded in the version's ``meta.json`` (``"promotion"``) and in the registry's state log.
+    "counts", "seconds", "labels", "fusion_weight", "fusion"}`` (``fusion_weight`` None: the engine's
+    default; ``fusion``: {label: {"weight", "crf"}}; the per-combination scores are in
+    ``validation["fusion"]``; ``counts``: ``train`` / ``val`` (what the scores were validated on),
+    ``refit`` (the examples the saved heads were trained on at last)). A refused promotion is
+    logged (warning) and recorded in the version's ``meta.json`` (``"promotion"``) and in the
+    registry's state log.
     """
-    from explainers.training import train_heads
+    from explainers.heads import BackboneFeatures
+    from explainers.training import FeatureCache, refit_heads, train_heads
 
     cfg = _train_config(config)
     samples = list(samples)
-    result = train_heads(backbone, samples, labels=labels, config=cfg)
+    cache = FeatureCache(BackboneFeatures(backbone), cfg.size, cfg.flip, cfg.extract_batch)
+    result = train_heads(backbone, samples, labels=labels, config=cfg, cache=cache)
     fusion = tune_fusion(result, samples, backbone, preset)
     if fusion is not None:
         result.validation["fusion"] = fusion
+    result = refit_heads(backbone, result, samples, cfg, cache)
     extra = dict(extra_meta or {})
     extra["trigger"] = trigger
     if examples_revision is not None:
@@ -614,7 +630,7 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
     version = registry.save_result(project, result, **extra)
     out = {"project": str(project), "version": version, "validation": result.validation,
            "counts": result.counts, "seconds": result.seconds, "labels": list(result.labels),
-           "fusion_weight": result.fusion_weight,
+           "fusion_weight": result.fusion_weight, "fusion": dict(result.fusion),
            "promoted": False, "reason": "not promoted (--no-promote)", "previous": registry.current(project)}
     if promote:
         p = registry.promote(project, version, force=force, tolerance=tolerance)

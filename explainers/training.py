@@ -16,8 +16,12 @@ masks and boxes per label, in pixels of the photo). ``train_heads`` does the who
    negative everywhere);
 4. score the validation samples: mAP and F1@0.5 over tags, foreground IoU over masks.
 
-The seg head's weight in the pipeline's fusion is chosen afterwards on the validation masks
-(:func:`explainers.segment.fusion_tuning.choose_fusion_weight`; stored in ``fusion_weight``).
+How the parts combine in the pipeline (the seg head's fusion weight, the CRF on/off, per label) is
+chosen afterwards on the validation masks (:func:`explainers.segment.fusion_tuning.choose_fusion`;
+stored in ``fusion`` and ``fusion_weight``). Then :func:`refit_heads` trains the heads once more on
+every example, the validation ones included, so no correction is left out of the served model
+(``TrainConfig.refit``: "continue" the validated seg head for ``refit_epochs`` on all of them, the
+default; "scratch"; "off"). The validation scores stay those of the heads trained on the train part.
 
 CPU by default when no CUDA device is present (the backbone's device is used). Deterministic for a
 given seed on the CPU; on CUDA, bilinear upsampling's backward uses atomics, so runs may differ in
@@ -30,10 +34,11 @@ the last bits.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import cv2
@@ -48,7 +53,7 @@ from explainers.heads import BackboneFeatures, ClassifierHead, SegHead
 
 __all__ = [
     "Sample", "TrainConfig", "TrainResult", "FeatureCache", "ProjectHeads", "split_samples", "train_heads",
-    "train_classifier", "train_segmenter", "average_precision", "tag_metrics", "fg_iou_scores",
+    "refit_heads", "train_classifier", "train_segmenter", "average_precision", "tag_metrics", "fg_iou_scores",
 ]
 
 BoxPx = tuple[float, float, float, float]
@@ -120,6 +125,10 @@ class TrainConfig:
     dice_weight: float = 0.5
     negatives_from_tags: bool = True  # a label missing from a photo's tags is background everywhere
     threshold: float = 0.5          # probability cut for F1 and masks
+    # after validation (refit_heads): train once more on every example, validation ones included
+    refit: str = "continue"         # "continue": the validated seg head, refit_epochs more on all; "scratch"; "off"
+    refit_epochs: int = 10          # "continue": epochs on all examples
+    refit_lr: float = 1e-3          # "continue": the seg head's peak learning rate
 
 
 @dataclass
@@ -137,10 +146,13 @@ class TrainResult:
     train_keys: list[str] = field(default_factory=list)
     val_keys: list[str] = field(default_factory=list)
     fusion_weight: float | None = None   # the seg head's fusion weight chosen on validation (None: the default)
+    fusion: dict = field(default_factory=dict)   # label -> {"weight", "crf"} chosen on validation per label
+    refit_keys: list[str] = field(default_factory=list)   # the examples the served heads were refit on
 
     def checkpoint(self) -> dict:
         """Everything a worker needs, as plain types + tensors (``torch.load(weights_only=True)``-safe);
-        ``"fusion_weight"`` only when one was chosen (:mod:`explainers.segment.fusion_tuning`)."""
+        ``"fusion_weight"`` and ``"fusion"`` (per label) only when chosen
+        (:mod:`explainers.segment.fusion_tuning`)."""
         def pack(head):
             if head is None:
                 return None
@@ -149,6 +161,9 @@ class TrainResult:
                 "labels": list(self.labels), "classifier": pack(self.classifier), "segmenter": pack(self.segmenter)}
         if self.fusion_weight is not None:
             ckpt["fusion_weight"] = float(self.fusion_weight)
+        if self.fusion:
+            ckpt["fusion"] = {str(label): {"weight": float(c["weight"]), "crf": bool(c.get("crf", True))}
+                              for label, c in self.fusion.items()}
         return ckpt
 
 
@@ -423,8 +438,10 @@ def _seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, 
 
 
 def train_segmenter(entries: Sequence[dict], targets: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[str],
-                    in_channels: Sequence[int], config: TrainConfig | None = None, device=None) -> SegHead:
-    """Train a SegHead on cached feature entries and (target, weight) pairs (same order)."""
+                    in_channels: Sequence[int], config: TrainConfig | None = None, device=None,
+                    init: SegHead | None = None) -> SegHead:
+    """Train a SegHead on cached feature entries and (target, weight) pairs (same order); from
+    scratch, or on from a copy of `init` (a head of the same labels; `init` is not changed)."""
     cfg = config or TrainConfig()
     dev = torch.device(device) if device is not None else entries[0]["pooled"].device
     views = []       # (maps per level (C, h, w), target (K, o, o), weight)
@@ -435,7 +452,12 @@ def train_segmenter(entries: Sequence[dict], targets: Sequence[tuple[np.ndarray,
             views.append(([m[v] for m in entry["maps"]], tt.flip(-1) if flip else tt, ww.flip(-1) if flip else ww))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = SegHead(in_channels, labels, hidden=cfg.seg_hidden).to(dev)
+        if init is not None:
+            if list(init.labels) != list(labels):
+                raise ValueError(f"the seg head to continue knows {list(init.labels)}, not {list(labels)}")
+            head = copy.deepcopy(init).to(dev)
+        else:
+            head = SegHead(in_channels, labels, hidden=cfg.seg_hidden).to(dev)
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.AdamW(head.parameters(), lr=cfg.seg_lr, weight_decay=cfg.seg_weight_decay)
         steps = cfg.seg_epochs * max(1, math.ceil(len(views) / cfg.seg_batch))
@@ -466,9 +488,14 @@ class ProjectHeads:
     """
 
     def __init__(self, backbone: Backbone, classifier: ClassifierHead | None, segmenter: SegHead | None,
-                 layers: Sequence[str], size: int, fusion_weight: float | None = None):
+                 layers: Sequence[str], size: int, fusion_weight: float | None = None,
+                 fusion: dict | None = None):
         self.backbone = backbone
         self.fusion_weight = None if fusion_weight is None else float(fusion_weight)   # chosen on validation
+        # per label, chosen on validation: {label: {"weight", "crf"}} (Tag2Mask.fusion_for); older
+        # checkpoints have only fusion_weight
+        self.fusion = {str(k): {"weight": float(v["weight"]), "crf": bool(v.get("crf", True))}
+                       for k, v in (fusion or {}).items()}
         self.features = BackboneFeatures(backbone, layers)
         self.classifier = classifier.to(backbone.device).eval() if classifier is not None else None
         self.segmenter = segmenter.to(backbone.device).eval() if segmenter is not None else None
@@ -487,7 +514,7 @@ class ProjectHeads:
             head.load_state_dict(part["state"])
             return head
         return cls(backbone, unpack("classifier"), unpack("segmenter"), ckpt["layers"], ckpt["size"],
-                   ckpt.get("fusion_weight"))
+                   ckpt.get("fusion_weight"), ckpt.get("fusion"))
 
     @property
     def labels(self) -> list[str]:
@@ -557,13 +584,14 @@ def _validate(heads: ProjectHeads, entries: Sequence[dict], val: Sequence[Sample
 def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[str] | None = None,
                 config: TrainConfig | None = None, cache: FeatureCache | None = None,
                 train_classifier_head: bool = True, train_seg_head: bool = True,
-                validation: Sequence[Sample] | None = None) -> TrainResult:
+                validation: Sequence[Sample] | None = None, init_segmenter: SegHead | None = None) -> TrainResult:
     """Split, extract features (cached), train both heads, validate. See the module docstring.
 
     `labels` fixes the label order (default: every tag/region label seen, sorted). `validation`
     gives an explicit validation set instead of the hash split. The seg head is trained only when
     at least one training sample has a mask or a box. Samples whose photo cannot be loaded are left
     out and listed in ``counts["skipped"]`` ({key: reason}); ValueError when no training photo loads.
+    `init_segmenter`: train the seg head on from a copy of this one (:func:`refit_heads`).
     """
     cfg = config or TrainConfig()
     if not samples:
@@ -620,7 +648,8 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         t = time.perf_counter()
         pairs = [(e, _seg_targets(s, labels, out, cfg, pseudo.get(s))) for e, s in zip(train_entries, train)]
         pairs = [(e, tw) for e, tw in pairs if tw is not None]
-        segmenter = train_segmenter([e for e, _ in pairs], [tw for _, tw in pairs], labels, features.channels, cfg)
+        segmenter = train_segmenter([e for e, _ in pairs], [tw for _, tw in pairs], labels, features.channels, cfg,
+                                    init=init_segmenter)
         seconds["segmenter"] = time.perf_counter() - t
 
     heads = ProjectHeads(backbone, classifier, segmenter, features.layers, cfg.size)
@@ -640,3 +669,43 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
     return TrainResult(labels=labels, classifier=classifier, segmenter=segmenter, validation=scores, counts=counts,
                        seconds=seconds, backbone=backbone.name, layers=list(features.layers), size=cfg.size,
                        config=asdict(cfg), train_keys=[str(s.key) for s in train], val_keys=[str(s.key) for s in val])
+
+
+def refit_heads(backbone: Backbone, result: TrainResult, samples: Sequence[Sample], config: TrainConfig | None = None,
+                cache: FeatureCache | None = None) -> TrainResult:
+    """The heads of `result` trained once more on every example it used, validation ones included.
+
+    After the validation split has chosen how the parts combine (``result.fusion``), nothing is left
+    to hold out for: ``config.refit`` (default: ``result.config``'s) "continue" trains a copy of the
+    validated seg head ``refit_epochs`` more epochs on all the examples at peak learning rate
+    ``refit_lr``, and the classifier head anew on all of them (it takes a fraction of a second);
+    "scratch" trains both anew on all, as :func:`train_heads` did; "off" (or no validation example)
+    returns `result` itself. `cache`: the one `result` was trained with (its features are reused).
+
+    The returned result keeps `result`'s validation scores, fusion choice, train/validation keys
+    and counts (those heads were validated on what), with ``counts["refit"]`` (examples refit on),
+    ``counts["refit_mode"]``, ``seconds["refit"]`` and ``refit_keys`` added.
+    """
+    cfg = config or TrainConfig(**result.config)
+    if cfg.refit not in ("continue", "scratch", "off"):
+        raise ValueError(f"unknown refit {cfg.refit!r}; choose 'continue', 'scratch' or 'off'")
+    if cfg.refit == "off" or not result.val_keys:
+        return result
+    used = set(result.train_keys) | set(result.val_keys)
+    every = [s for s in samples if str(s.key) in used]
+    t = time.perf_counter()
+    kwargs = dict(labels=result.labels, cache=cache, validation=[], train_classifier_head=result.classifier is not None,
+                  train_seg_head=result.segmenter is not None)
+    if cfg.refit == "continue" and result.segmenter is not None:
+        new = train_heads(backbone, every, config=replace(cfg, seg_epochs=max(1, cfg.refit_epochs), seg_lr=cfg.refit_lr),
+                          init_segmenter=result.segmenter, **kwargs)
+    else:
+        new = train_heads(backbone, every, config=cfg, **kwargs)
+    seconds = dict(result.seconds)
+    seconds["refit"] = time.perf_counter() - t
+    seconds["total"] = seconds.get("total", 0.0) + seconds["refit"]
+    counts = {**result.counts, "refit": new.counts["train"], "refit_mode": cfg.refit}
+    if new.counts.get("skipped"):
+        counts["skipped"] = {**result.counts.get("skipped", {}), **new.counts["skipped"]}
+    return replace(result, classifier=new.classifier, segmenter=new.segmenter, counts=counts, seconds=seconds,
+                   refit_keys=list(new.train_keys))

@@ -24,16 +24,23 @@ def test_train_from_folders_then_models_list_promote_rollback(tmp_path, horse_di
                "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "project horse: v1 trained on" in out and "promoted" in out and "fusion weight " in out
+    assert "project horse: v1 trained on" in out and "promoted" in out and "fusion " in out
+    assert "; refit on all 12;" in out
     reg = ModelRegistry.in_model_dir(md)
     meta = reg.list("horse")[0]
     assert meta["current"] and meta["labels"] == ["horse"] and meta["counts"]["train"] + meta["counts"]["val"] == 12
     assert meta["validation"]["fg_iou"] > 0.6 and meta["source"].startswith("folders:")
-    fusion = meta["validation"]["fusion"]                  # the fusion weight, chosen on the validation masks
-    assert fusion["n_masks"] == meta["validation"]["n_val_masks"] and len(fusion["scores"]) == 6
+    fusion = meta["validation"]["fusion"]                  # how the parts combine, chosen on the validation masks
+    assert fusion["n_masks"] == meta["validation"]["n_val_masks"] and len(fusion["scores"]) == 12
     chosen = fusion["chosen"]
     assert (chosen is None) == (fusion["n_masks"] < fusion["min_masks"])
     assert reg.load("horse")[0].get("fusion_weight") == chosen
+    assert meta["counts"]["refit"] == 12                   # the served heads learnt from every example
+    per = fusion["per_label"]
+    shown = ",".join(f"{k}:{e['weight']:g}" + ("" if e["crf"] else "/no-crf") for k, e in per.items()) if per \
+        else ("default" if chosen is None else format(chosen, "g"))
+    if per:
+        assert f"(chosen on {fusion['n_masks']} masks: served fg_iou {fusion['served']:.3f}" in out
 
     # a second version from 3 photos: saved but (--no-promote) not current
     rc = main(["train", "--images", str(horse_dir / "images"), "--masks", str(horse_dir / "masks"), "--tag", "horse",
@@ -44,7 +51,9 @@ def test_train_from_folders_then_models_list_promote_rollback(tmp_path, horse_di
     assert main(["models", "list", "--model-dir", str(md)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0] == "project horse:" and listing[1].lstrip().startswith("* v1") and "v2" in listing[2]
-    assert f"fusion={'default' if chosen is None else format(chosen, 'g')} " in listing[1]
+    assert f"fusion={shown} " in listing[1]
+    assert f"train={meta['counts']['train']} val={meta['counts']['val']} refit=12 " in listing[1]
+    assert "pipe=" in listing[1] and "refit=" in listing[2]
     assert main(["models", "list", "--project", "horse", "--json", "--model-dir", str(md)]) == 0
     assert [m["version"] for m in json.loads(capsys.readouterr().out)["horse"]] == ["v1", "v2"]
 

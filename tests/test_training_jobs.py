@@ -210,10 +210,12 @@ def test_tick_trains_once_and_a_regressing_version_is_not_promoted(settings, hor
     meta = registry.list(project)[-1]
     assert meta["current"] and meta["examples_revision"] == 12 and meta["promotion"]["promoted"]
     assert meta["counts"]["train"] + meta["counts"]["val"] == 12
+    # every correction reaches the served heads: refit on all 12 after the choice on the held-out part
+    assert meta["counts"]["refit"] == 12 and meta["counts"]["refit_mode"] == "continue" and "refit" in meta["seconds"]
     good_iou = meta["validation"]["fg_iou"]
     assert good_iou > 0.6, meta["validation"]
-    fusion = meta["validation"]["fusion"]          # the fusion weight chosen on the validation masks
-    assert fusion["n_masks"] == meta["validation"]["n_val_masks"] and len(fusion["scores"]) == 6
+    fusion = meta["validation"]["fusion"]          # how the parts combine, chosen on the validation masks
+    assert fusion["n_masks"] == meta["validation"]["n_val_masks"] and len(fusion["scores"]) == 12
     assert (fusion["chosen"] is None) == (fusion["n_masks"] < fusion["min_masks"])
     assert report["fusion_weight"] == fusion["chosen"] == registry.load(project)[0].get("fusion_weight")
     assert current_model_version(project, settings).endswith(f"+p{project}.v1")

@@ -2,14 +2,17 @@
 
 Stages (each a small function or class in this package, chosen by :class:`PipelineConfig`):
 
-1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes. With
+1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes (with
+   ``cam.ensemble``, averaged with those of more backbones, each loaded by the engine). With
    trained heads, the project's own labels (those ImageNet cannot name, and those the head learnt
    against photos without them; ``fusion.head_cam``) get theirs from its classifier head instead
    (:mod:`head_cam`), so labels ImageNet lacks get masks too.
 2. Background (:mod:`background`): background + per-tag probabilities from the CAMs.
 2b. Fusion (optional, :func:`fuse_seg`): with trained heads (``Tag2Mask(heads=...)`` or
-   ``set_heads``), the seg head's probabilities are blended into those of the tags it knows.
-3. Dense CRF (:mod:`crf`) over background + all tags jointly, at a working resolution.
+   ``set_heads``), the seg head's probabilities are blended into those of the tags it knows, at
+   the weight the heads carry for each label (chosen on validation: :meth:`Tag2Mask.fusion_for`).
+3. Dense CRF (:mod:`crf`) over background + all tags jointly, at a working resolution (off for
+   the labels whose validation chose it off: :func:`crf_by_tag`).
 4. Clean-up (:mod:`postprocess`) of the per-tag masks at the original resolution.
 5. Geometry (:mod:`geometry`): polygons and boxes with scores.
 
@@ -31,7 +34,7 @@ import torch
 from explainers.backbones import Backbone, load_backbone
 from explainers.hooks import LayerRecorder
 from explainers.segment.background import calibrated, class_probabilities
-from explainers.segment.cam_stage import CAMStage, pass_size
+from explainers.segment.cam_stage import CAMOutput, CAMStage, pass_size
 from explainers.segment.config import PipelineConfig
 from explainers.segment.crf import dense_crf
 from explainers.segment.geometry import mask_geometry
@@ -61,7 +64,7 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def fuse_seg(unary: np.ndarray, tags: Sequence[str], seg: dict[str, np.ndarray], weight: float,
+def fuse_seg(unary: np.ndarray, tags: Sequence[str], seg: dict[str, np.ndarray], weight: float | dict[str, float],
              mode: str = "linear", min_prob: float = 1e-3) -> np.ndarray:
     """Blend seg-head probabilities into the CAM-derived class probabilities.
 
@@ -71,13 +74,17 @@ def fuse_seg(unary: np.ndarray, tags: Sequence[str], seg: dict[str, np.ndarray],
     M = 1 - prod(1 - p_k), shared in proportion to their p_k; the background and the other tags
     share 1 - M in the proportions the CAM gave them. It is mixed with the CAM's, ``linear``
     = (1 - w) cam + w seg or ``log`` = cam^(1-w) seg^w, and renormalised.
+
+    `weight` may be per tag ({tag: w}, the weights chosen per label on validation): each known
+    tag's class mixes at its own w, the background and the other tags at the mean of those (with
+    equal weights this is the single-weight blend exactly).
     """
     if mode not in ("linear", "log"):
         raise ValueError(f"unknown fusion mode {mode!r}; choose 'linear' or 'log'")
-    w = float(np.clip(weight, 0.0, 1.0))
     known = [k + 1 for k, t in enumerate(tags) if t in seg]
     if not known:
         return unary
+    w = _channel_weights(weight, tags, known, unary.shape[0])
     rest = [c for c in range(unary.shape[0]) if c not in known]
     p = np.stack([np.clip(seg[tags[c - 1]], 0.0, 1.0).astype(np.float32) for c in known])
     mass = 1.0 - np.prod(1.0 - p, axis=0)
@@ -93,6 +100,38 @@ def fuse_seg(unary: np.ndarray, tags: Sequence[str], seg: dict[str, np.ndarray],
         out = np.exp((1.0 - w) * np.log(np.maximum(unary, min_prob)) + w * np.log(head))
     out = np.maximum(out, min_prob)
     return (out / out.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def _channel_weights(weight: float | dict[str, float], tags: Sequence[str], known: Sequence[int],
+                     channels: int) -> float | np.ndarray:
+    """:func:`fuse_seg`'s weight: a float when all `known` classes share one, else (channels, 1, 1)."""
+    if not isinstance(weight, dict):
+        return float(np.clip(weight, 0.0, 1.0))
+    per = np.clip([float(weight.get(tags[c - 1], 0.0)) for c in known], 0.0, 1.0)
+    if np.all(per == per[0]):
+        return float(per[0])
+    w = np.full((channels, 1, 1), float(per.mean()), np.float32)
+    w[list(known), 0, 0] = per
+    return w
+
+
+def crf_by_tag(image: np.ndarray, unary: np.ndarray, use_crf: Sequence[bool], cfg) -> np.ndarray:
+    """Stage 3 with the dense CRF on for some tags only (`use_crf`: per tag, in the order of the
+    unary's classes after the background). All on: :func:`dense_crf`; all off: the unary as it is;
+    mixed: the tags without the CRF keep their unary probabilities, the background and the other
+    tags share the rest in the CRF's proportions."""
+    if all(use_crf):
+        return dense_crf(image, unary, cfg)
+    if not any(use_crf):
+        return unary
+    probs = dense_crf(image, unary, cfg)
+    off = [k + 1 for k, on in enumerate(use_crf) if not on]
+    on = [c for c in range(unary.shape[0]) if c not in off]
+    out = np.empty_like(probs)
+    out[off] = unary[off]
+    rest = np.clip(1.0 - unary[off].sum(axis=0), 0.0, 1.0)
+    out[on] = rest * probs[on] / np.maximum(probs[on].sum(axis=0), 1e-8)
+    return out
 
 
 class Tag2Mask:
@@ -112,6 +151,8 @@ class Tag2Mask:
         self.config = config or PipelineConfig.preset("balanced")
         self.tag_extra = tag_extra
         self.cam_stage = CAMStage(self.backbone, self.config.cam)
+        self.ensemble_stages = [CAMStage(load_backbone(name, self.backbone.device), self.config.cam)
+                                for name in self.config.cam.ensemble]
         self.background = calibrated(self.config.background, self.backbone.name)
         self.heads = None
         self.set_heads(heads)
@@ -253,7 +294,7 @@ class Tag2Mask:
         parts = []
         imagenet = [t for t in tags if t not in head]
         if imagenet:
-            parts.append((imagenet, self.cam_stage(image, [self.class_set(t) for t in imagenet])))
+            parts.append((imagenet, self._imagenet_cams(image, [self.class_set(t) for t in imagenet])))
         if head:
             labels = [t for t in tags if t in head]
             parts.append((labels, HeadCAM(self.backbone, self.heads.classifier, self.config.cam)(image, labels)))
@@ -261,6 +302,17 @@ class Tag2Mask:
         if cam.maps.is_cuda:
             torch.cuda.synchronize()
         return cam
+
+    def _imagenet_cams(self, image: np.ndarray, class_sets: list) -> CAMOutput:
+        """The CAM stage of the tags the ImageNet classifier names: the engine's backbone's, averaged
+        (maps and tag probabilities) with those of the ``cam.ensemble`` backbones when there are any."""
+        out = self.cam_stage(image, class_sets)
+        if not self.ensemble_stages:
+            return out
+        outs = [out] + [stage(image, class_sets) for stage in self.ensemble_stages]
+        device = out.maps.device
+        return CAMOutput(maps=torch.stack([o.maps.to(device) for o in outs]).mean(0),
+                         probs=torch.stack([o.probs.to(device) for o in outs]).mean(0), work_size=out.work_size)
 
     def _from_cam(self, image: np.ndarray, tags: Sequence[str], cam, timings: dict[str, float],
                   t0: float) -> tuple[PhotoResult, np.ndarray]:
@@ -278,12 +330,13 @@ class Tag2Mask:
         t = time.perf_counter()
         seg = self._seg_probs(image, tags, (wh, ww))
         if seg:
-            unary = fuse_seg(unary, tags, seg, self.fusion_weight(), cfg.fusion.mode, self.background.min_prob)
+            weights = {tag: self.fusion_for(tag)[0] for tag in seg}
+            unary = fuse_seg(unary, tags, seg, weights, cfg.fusion.mode, self.background.min_prob)
             timings["fusion"] = time.perf_counter() - t
 
         t = time.perf_counter()
         small = image if (wh, ww) == (h, w) else cv2.resize(image, (ww, wh), interpolation=cv2.INTER_AREA)
-        probs = dense_crf(small, unary, cfg.crf)
+        probs = crf_by_tag(small, unary, [self.fusion_for(tag)[1] for tag in tags], cfg.crf)
         timings["crf"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -311,14 +364,24 @@ class Tag2Mask:
         chosen = getattr(self.heads, "fusion_weight", None)
         return float(chosen) if chosen is not None else float(self.config.fusion.seg_weight)
 
+    def fusion_for(self, tag: str) -> tuple[float, bool]:
+        """(seg head weight, dense CRF on) for `tag`: the per-label choice the heads carry
+        (``heads.fusion[tag]`` = {"weight", "crf"}, chosen on validation), else :meth:`fusion_weight`
+        with the configured CRF. ``config.crf.enabled = False`` switches the CRF off for every tag."""
+        crf = bool(self.config.crf.enabled)
+        entry = (getattr(self.heads, "fusion", None) or {}).get(tag)
+        if entry is None:
+            return self.fusion_weight(), crf
+        return float(entry["weight"]), crf and bool(entry.get("crf", True))
+
     def _seg_probs(self, image: np.ndarray, tags: Sequence[str], size: tuple[int, int]) -> dict[str, np.ndarray]:
         """Seg-head probabilities at `size` for the tags the head knows ({} without heads or fusion)."""
         fcfg = self.config.fusion
-        if self.heads is None or not fcfg.enabled or self.fusion_weight() <= 0:
+        if self.heads is None or not fcfg.enabled:
             return {}
         if getattr(self.heads, "segmenter", None) is None:
             return {}
-        known = [t for t in tags if t in self.heads.segmenter.labels]
+        known = [t for t in tags if t in self.heads.segmenter.labels and self.fusion_for(t)[0] > 0]
         if not known:
             return {}
         seg = self.heads.seg_probs(image, known, flip=fcfg.flip)
@@ -362,7 +425,7 @@ class Tag2Mask:
         try:
             image = check_image(image_rgb)
             tags, skipped = self.split_tags(tags)
-            if not tags or self._head_tags(tags):
+            if not tags or self._head_tags(tags) or self.ensemble_stages:
                 return None
             return image, tags, [self.class_set(t) for t in tags], skipped
         except Exception:  # noqa: BLE001 - the photo goes one by one, where its error is reported
