@@ -1,7 +1,7 @@
 """``tag2mask train`` and ``tag2mask models``: offline training into the model registry, and its management.
 
     tag2mask train --ls-export EXPORT.json --images-root DIR [--project P] [--label-config FILE]
-    tag2mask train --images DIR --masks DIR --tag NAME [--split FILE] [--limit N] [--project P]
+    tag2mask train --images DIR --masks DIR --tag NAME [--split FILE] [--limit N] [--negatives DIR] [--project P]
         common: [--no-promote] [--force] [--model-dir DIR] [--json] [--backbone B] [--preset P] [--device D]
                 [--box-mode grabcut|box] [-q]
     tag2mask models list [--project P] [--json]
@@ -26,7 +26,10 @@ rectangles -> boxes; see :mod:`backend.examples`). Photos are looked up under ``
 relative path or its file name under DIR. Nothing outside DIR is read. ``--project`` defaults to the
 export's project id (when all tasks agree).
 
-``--images/--masks``: photos and same-stem masks (non-zero = the object) give one label, ``--tag``.
+``--images/--masks``: photos and same-stem masks (non-zero = the object) give one label, ``--tag``;
+a mask without an object pixel and every photo under ``--negatives DIR`` are photos without the
+label, from which the classifier head learns where it is absent (a label ImageNet lacks needs at
+least 5 of them for the head's CAM to be served, ``fusion.head_cam`` "auto").
 ``--project`` defaults to the tag.
 
 Exit status: 0 trained (promoted or not: the line says which) / command done, 1 some photos were
@@ -215,9 +218,33 @@ def _folder_samples(args, progress) -> tuple[list, list[tuple[str, str]], str, d
     except FileNotFoundError as exc:
         raise _usage(str(exc)) from None
     tag = args.tag.strip()
-    samples = [Sample(key=stem, tags=[tag], masks={tag: load_mask(mask)}, load=progress(lambda p=image: load_image(p)),
-                      photo_key=str(image)) for stem, image, mask in pairs]
-    return samples, [(e.path, e.error) for e in errs], args.project or tag, {"source": f"folders:{Path(args.images).name}"}
+    samples = []
+    for stem, image, mask_path in pairs:
+        mask = load_mask(mask_path)
+        # a mask without a pixel of the object says the photo does not show it: a negative example,
+        # which the classifier head needs to learn where a label (one ImageNet lacks, say) is absent
+        shows = bool(mask.any())
+        samples.append(Sample(key=stem, tags=[tag] if shows else [], masks={tag: mask} if shows else {},
+                              load=progress(lambda p=image: load_image(p)), photo_key=str(image)))
+    for image in _negative_photos(args.negatives):
+        samples.append(Sample(key=f"neg:{image.stem}", tags=[], load=progress(lambda p=image: load_image(p)),
+                              photo_key=str(image)))
+    meta = {"source": f"folders:{Path(args.images).name}"}
+    if args.negatives:
+        meta["negatives"] = f"folder:{Path(args.negatives).name}"
+    return samples, [(e.path, e.error) for e in errs], args.project or tag, meta
+
+
+def _negative_photos(folder: str | None) -> list[Path]:
+    """The photos of --negatives (photos that do not show the tag), sorted; [] without the option."""
+    from backend.labeling import IMAGE_EXTENSIONS
+
+    if not folder:
+        return []
+    root = Path(folder)
+    if not root.is_dir():
+        raise _usage(f"--negatives: {folder} is not a folder")
+    return sorted(q for q in root.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @_reporting_usage
@@ -226,6 +253,8 @@ def cmd_train(args) -> int:
 
     if bool(args.ls_export) == bool(args.images):
         raise _usage("give either --ls-export EXPORT.json --images-root DIR, or --images DIR --masks DIR --tag NAME")
+    if args.negatives and not args.images:
+        raise _usage("--negatives goes with --images DIR --masks DIR --tag NAME (an export's tasks without the label are its negatives)")
     if args.project is not None:
         try:
             project_dirname(args.project)
@@ -424,6 +453,9 @@ def add_parsers(sub, model_options, progress_option) -> None:
     src.add_argument("--tag", metavar="NAME", help="the label the masks show")
     src.add_argument("--split", metavar="FILE", help="file listing the photo stems to use (default: all)")
     src.add_argument("--limit", type=int, metavar="N", help="only the first N photos")
+    src.add_argument("--negatives", metavar="DIR",
+                     help="photos that do not show the tag (a mask with no object pixel counts as one too): "
+                          "the classifier head learns where the label is absent")
     p.add_argument("--project", metavar="P", help="registry project (default: the export's project / the tag)")
     p.add_argument("--no-promote", action="store_true", help="save the version without promoting it")
     p.add_argument("--force", action="store_true", help="promote even if validation regresses")

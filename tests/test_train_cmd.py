@@ -111,3 +111,41 @@ def test_train_usage_errors(tmp_path, horse_dir, capsys):
     err = capsys.readouterr().err
     assert "give either" in err and "no such folder" in err and "no such file" in err
     assert "several projects (1, 2)" in err and "training needs at least 2" in err
+
+
+def test_train_from_folders_learns_absence_from_negatives_and_empty_masks(tmp_path, horse_dir, capsys):
+    """A label ImageNet lacks, from folders: photos of --negatives and a photo whose mask is empty are
+    photos without the label, so the classifier head knows where it is absent (its negative count) and
+    the project's head serves it (fusion.head_cam "auto" needs at least 5 such photos)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from conftest import rgb_uint8
+
+    stems = horse_stems("train")[:8]
+    images, masks, negatives = tmp_path / "images", tmp_path / "masks", tmp_path / "negatives"
+    for d in (images, masks, negatives):
+        d.mkdir()
+    for stem in stems:
+        (images / f"{stem}.jpg").write_bytes((horse_dir / "images" / f"{stem}.jpg").read_bytes())
+        (masks / f"{stem}.png").write_bytes((horse_dir / "masks" / f"{stem}.png").read_bytes())
+    photo = rgb_uint8(data.coffee())                                   # no horse, and its mask says so
+    Image.fromarray(photo).save(images / "coffee.png")
+    Image.fromarray(np.zeros(photo.shape[:2], np.uint8)).save(masks / "coffee.png")
+    for i, f in enumerate([data.astronaut, data.rocket, data.camera, data.brick, data.chelsea]):
+        Image.fromarray(rgb_uint8(f())).save(negatives / f"other{i}.png")
+    md = tmp_path / "md"
+    args = ["train", "--images", str(images), "--masks", str(masks), "--tag", "Pony photo", "--project", "5",
+            "--model-dir", str(md), "-q", "--device", "cpu", "--seg-epochs", "10"]
+    assert main(args + ["--negatives", str(negatives)]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    ckpt, meta = ModelRegistry.in_model_dir(md).load("5")
+    spec = ckpt["classifier"]["spec"]
+    assert spec["labels"] == ["Pony photo"] and spec["negatives"] == [6]   # coffee + the 5 negatives
+    assert meta["negatives"] == "folder:negatives"
+    assert main(["train", "--ls-export", str(tmp_path / "x.json"), "--images-root", str(tmp_path),
+                 "--negatives", str(negatives)]) == 2
+    assert main(args + ["--negatives", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--negatives goes with --images" in err and "is not a folder" in err
