@@ -112,12 +112,6 @@ class _Metrics:
         return out
 
 
-def _project_id(value, what: str = "the project") -> str | None:
-    """Label Studio sends project as "<id>.<created unix ts>" (or an id, or a dict); anything unsafe in
-    file names / Redis keys raises BadInput (-> 400 with the sentence)."""
-    return project_id(value, what)
-
-
 class _StrictJSON(DefaultJSONProvider):
     """Flask's JSON, but request bodies are read by :func:`backend.untrusted.parse_json_body` (bounded
     nesting, no NaN): ``request.get_json(silent=True)`` then gives None for a hostile body."""
@@ -262,7 +256,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         data = body()
         metrics.inc("setup_total")
         schema = data.get("schema") or data.get("label_config")
-        project = _project_id(data.get("project"))
+        project = project_id(data.get("project"))
         model = model_for(project, schema)
         if data.get("hostname"):
             model.hostname = last_seen["hostname"] = str(data["hostname"])
@@ -300,9 +294,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         if params is not None and not isinstance(params, dict):
             return error(400, f"params must be a JSON object (Label Studio sends {{\"context\": ...}}), "
                               f"not {json_type(params)}")
-        project = _project_id(data.get("project"))
+        project = project_id(data.get("project"))
         if project is None and tasks and isinstance(tasks[0], dict):
-            project = _project_id(tasks[0].get("project"), "the first task's project")
+            project = project_id(tasks[0].get("project"), "the first task's project")
         model = model_for(project, label_config_of(data.get("label_config")))
         try:
             model.use_label_config(None)
@@ -335,10 +329,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         project = data.get("project")
         schema = label_config_of(project.get("label_config") if isinstance(project, dict) else None,
                                  "the project's label_config")
-        pid = _project_id(project)
+        pid = project_id(project)
         annotation = data.get("annotation")
         if pid is None and isinstance(annotation, dict):    # where backend.training_jobs looks next
-            _project_id(annotation.get("project"), "the annotation's project")
+            project_id(annotation.get("project"), "the annotation's project")
         model = model_for(pid, schema)
         # issue 5: store the example / queue a training (backend.training_jobs); Redis down -> a note
         from backend.training_jobs import handle_training_event
@@ -359,7 +353,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         project = data.get("project")
         schema = label_config_of(project.get("label_config") if isinstance(project, dict) else None,
                                  "the project's label_config")
-        model = model_for(_project_id(project), schema)
+        model = model_for(project_id(project), schema)
         try:
             model.use_label_config(None)
         except LabelConfigError as exc:
@@ -368,7 +362,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         refused = checked_tasks(tasks, "a TASKS_CREATED webhook needs \"tasks\": a list of tasks")
         if refused is not None:
             return refused
-        reply = pq.prelabel(model, tasks, _project_id(project))
+        reply = pq.prelabel(model, tasks, project_id(project))
         metrics.inc("prelabel_tasks_total", reply["tasks"])
         return jsonify({**reply, "action": "TASKS_CREATED"})
 
@@ -385,13 +379,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     def progress_route(project: str):
         if pq is None:
             return error(404, "the job queue is off (TAG2MASK_QUEUE)")
-        return jsonify(pq.progress(_project_id(project)))      # an id names Redis keys: checked (400)
+        return jsonify(pq.progress(project_id(project)))      # an id names Redis keys: checked (400)
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
         data = request.get_json(silent=True, force=True) if request.data else None
-        project = _project_id(data.get("project")) if isinstance(data, dict) else None
-        project = project or _project_id(request.args.get("project"))
+        project = project_id(data.get("project")) if isinstance(data, dict) else None
+        project = project or project_id(request.args.get("project"))
         if project is None:
             return jsonify({"versions": [version]})
         return jsonify({"versions": [model_for(project).model_version]})
