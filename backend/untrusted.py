@@ -17,6 +17,7 @@ with an unpaired UTF-16 surrogate (``"\\ud800"``) are refused, since they cannot
 (logs, the event log, sqlite). A project id is "<id>" or "<id>.<created ts>" (what Label Studio
 sends) with an id of at most 64 letters, digits, "_" or "-".
 """
+
 from __future__ import annotations
 
 import json

@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.eval_cmd import find_pairs, load_label_mask, load_mask, read_classes, read_photo_tags  # noqa: E402
+from backend.cli.evaluation import find_pairs, load_label_mask, load_mask, read_classes, read_photo_tags   # noqa: E402
 from benchmarks.horses import HORSE_DIR, spread  # noqa: E402
 from explainers.device import set_cpu_threads  # noqa: E402
 from explainers.imageio import load_image  # noqa: E402

@@ -11,13 +11,13 @@ Labels and data (read-only, shared data folder):
   :mod:`benchmarks.horses`).
 
 For each label and N, a project is trained as ``tag2mask train`` trains it
-(:func:`backend.training_jobs.train_and_register`: its validation split, its fusion choice, its
+(:func:`backend.training.trainer.train_and_register`: its validation split, its fusion choice, its
 promotion) on the first N photos of a seeded permutation of the photos holding the label (nested:
 the 25 contain the 10; all of them when there are fewer than N, said in the note), each with its
 corrected mask, plus negatives: ``--negatives`` x N (at least 5) photos of the same source without
 the label (MSRC/COCO photos; for horses, MSRC photos), tagged without it, so the project has photos
 where the label is absent. The promoted heads are then loaded
-as ``tag2mask label --model-dir DIR --project P`` loads them (:func:`backend.offline.load_offline_heads`,
+as ``tag2mask label --model-dir DIR --project P`` loads them (:func:`backend.serving.offline.load_offline_heads`,
 ``engine.set_heads``) and every test photo holding the label is segmented with the tag
 (``engine.predict``) and scored: fg IoU pooled over the pixels of all test photos.
 
@@ -194,8 +194,8 @@ def parts(gt: np.ndarray) -> int:
 def train_project(backbone, label: str, positives: list[Photo], negatives: list[Photo], model_dir: Path,
                   project: str, preset: str) -> dict:
     """``tag2mask train``'s training on these photos (loaded beforehand: the time is the training's)."""
-    from backend.registry import ModelRegistry
-    from backend.training_jobs import train_and_register
+    from backend.storage.registry import ModelRegistry
+    from backend.training.trainer import train_and_register
     from explainers.training import Sample
 
     samples = [Sample(f"p-{p.key}", [label], masks={label: p.truth()[0]}, image=p.load()) for p in positives]
@@ -227,7 +227,7 @@ def score(engine, label: str, test: list[Photo], heads=None) -> dict:
 
 def run_label(task: Task, sizes: list[int], backbone, engine, negatives: float, seed: int, preset: str,
               grid: tuple[int, int]) -> list[dict]:
-    from backend.offline import load_offline_heads
+    from backend.serving.offline import load_offline_heads
     from explainers.metrics import SegmentationScore
 
     rows = []

@@ -3,7 +3,7 @@ for several worker batch sizes (photos per engine call).
 
 Every mode does the same work per photo: a Label Studio-style task (photo read through
 ImageFetcher, tags chosen by the classifier, mask/polygons/boxes as Label Studio results) through
-backend.jobs.predict_chunk, with no result-cache hits (a fresh model version per run).
+backend.serving.predict.predict_chunk, with no result-cache hits (a fresh model version per run).
 
 * inline, batch B: predict_chunk over chunks of B tasks in this process (the model loaded and warmed
   up beforehand);
@@ -65,8 +65,8 @@ def ls_tasks(paths: list[Path], run: str) -> list[dict]:
 
 
 def run_inline(paths: list[Path], label_config: str, batch: int) -> dict:
-    from backend.jobs import predict_chunk
-    from backend.model import get_engine
+    from backend.serving.predict import predict_chunk
+    from backend.serving.engine import get_engine
     from backend.settings import Settings
 
     get_engine(Settings.from_env())            # loaded before the clock starts, as in a worker
@@ -96,7 +96,7 @@ def run_queue(paths: list[Path], label_config: str, n_workers: int, batch: int, 
     from rq.job import Job, JobStatus
     from rq.worker_registration import get_keys
 
-    from backend.queues import enqueue_predictions, get_queues
+    from backend.queue.queues import enqueue_predictions, get_queues
 
     ns = f"t2mbench-{uuid.uuid4().hex[:8]}"
     os.environ["TAG2MASK_NAMESPACE"] = ns
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     os.environ["TAG2MASK_LOCAL_ROOTS"] = str(HORSE_DIR)
     for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
         os.environ.pop(k, None)
-    from backend.label_config import DEFAULT_LABEL_CONFIG
-    from backend.redis_conn import EmbeddedValkey
+    from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+    from backend.storage.connection import EmbeddedValkey
 
     paths = photos(args.limit)
     tmp = Path(tempfile.mkdtemp(prefix="t2m-qbench-"))

@@ -7,7 +7,6 @@
   labels are the project's own strings, so labels ImageNet lacks ("pony-photo") work.
 - :class:`SegHead`: a light decoder (1x1 projections per scale, fused at the finest scale, two 3x3
   convs, 1x1 to one logit per label), output at the finest feature stride, upsampled on request.
-- :func:`fuse_with_cam`: blends a CAM with the seg head's probabilities for the pipeline.
 
 Each head's ``state_dict()`` holds only its own parameters (never the backbone's); ``head.spec()``
 is a plain dict (str/int/float/list) from which ``Head.from_spec(spec)`` rebuilds the module, so a
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +32,7 @@ from torch import nn
 from explainers.backbones import Backbone
 from explainers.hooks import LayerRecorder
 
-__all__ = ["SEG_LAYERS", "BackboneFeatures", "ClassifierHead", "SegHead", "fuse_with_cam", "seg_layers_for"]
+__all__ = ["SEG_LAYERS", "BackboneFeatures", "ClassifierHead", "SegHead", "seg_layers_for"]
 
 SEG_LAYERS: dict[str, list[str]] = {
     # finest first: stride 8, 16, 32
@@ -234,28 +232,3 @@ class SegHead(nn.Module):
     def from_spec(cls, spec: dict) -> "SegHead":
         return cls(list(spec["in_channels"]), list(spec["labels"]), int(spec.get("hidden", 64)),
                    float(spec.get("dropout", 0.1)))
-
-
-def fuse_with_cam(cam, seg_prob, weight: float = 0.5):
-    """Blend CAM map(s) in [0, 1] with seg-head probabilities: ``(1 - weight) * cam + weight * seg``.
-
-    Works on numpy arrays or torch tensors of shape (H, W) or (K, H, W); `seg_prob` is resized
-    (bilinear) to `cam`'s spatial size when they differ. ``weight=0`` returns the CAM, ``1`` the seg
-    head. The result is clipped to [0, 1] and has `cam`'s type (float32 for numpy).
-    """
-    if not 0.0 <= float(weight) <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
-    as_numpy = isinstance(cam, np.ndarray)
-    c = torch.as_tensor(np.asarray(cam, dtype=np.float32)) if as_numpy else cam.float()
-    s = torch.as_tensor(np.asarray(seg_prob, dtype=np.float32)) if isinstance(seg_prob, np.ndarray) \
-        else seg_prob.float().to(c.device)
-    if c.dim() not in (2, 3) or s.dim() != c.dim():
-        raise ValueError(f"cam and seg_prob must both be (H, W) or (K, H, W), got {tuple(c.shape)} and {tuple(s.shape)}")
-    if c.dim() == 3 and s.shape[0] != c.shape[0]:
-        raise ValueError(f"cam has {c.shape[0]} maps, seg_prob {s.shape[0]}")
-    if s.shape[-2:] != c.shape[-2:]:
-        s3 = s if s.dim() == 3 else s[None]
-        s3 = F.interpolate(s3[None], size=tuple(c.shape[-2:]), mode="bilinear", align_corners=False)[0]
-        s = s3 if s.dim() == 3 else s3[0]
-    out = ((1.0 - float(weight)) * c + float(weight) * s).clamp(0.0, 1.0)
-    return out.cpu().numpy().astype(np.float32) if as_numpy else out

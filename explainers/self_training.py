@@ -15,7 +15,7 @@ Steps (:func:`self_train`):
    ``confidence``) and, optionally, in a band around the mask's outline (``band``); photos whose
    mask covers almost nothing or too much (``min_fg``/``max_fg``) are left out, and optionally the
    least confident ones (``keep_fraction``);
-3. train a SegHead on the frozen backbone's features (:func:`explainers.training.train_segmenter`,
+3. train a SegHead on the frozen backbone's features (:func:`explainers.head_training.train_segmenter`,
    cached features, photo + mirror image);
 4. optionally more rounds: the engine, now fused with the head, gives the next pseudo-masks.
 
@@ -35,8 +35,12 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from explainers.feature_cache import FeatureCache
+from explainers.head_training import train_segmenter
 from explainers.heads import BackboneFeatures
-from explainers.training import FeatureCache, ProjectHeads, Sample, TrainConfig, train_segmenter
+from explainers.project_heads import ProjectHeads
+from explainers.samples import Sample
+from explainers.train_config import TrainConfig
 
 __all__ = ["SelfTrainConfig", "PseudoLabel", "SelfTrainResult", "pseudo_labels", "pseudo_targets", "confidence",
            "train_on_pseudo", "self_train"]

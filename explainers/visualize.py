@@ -1,4 +1,5 @@
-"""Pictures of explanations: heatmap overlays, mask/polygon/box overlays, gradient images, PNG files."""
+"""Pictures of explanations: heatmap overlays, mask/polygon/box overlays, label-map overlays,
+gradient images, montages, PNG files."""
 from __future__ import annotations
 
 import colorsys
@@ -77,13 +78,14 @@ def _by_name(items, names: list[str]) -> dict:
 
 
 def mask_overlay(rgb, masks: Mapping[str, np.ndarray], polygons=None, boxes=None, alpha: float = 0.45,
-                 labels: bool = True) -> np.ndarray:
+                 labels: bool = True, colors: Mapping[str, tuple[int, int, int]] | None = None) -> np.ndarray:
     """Masks, polygons and boxes drawn over a photo -> uint8 RGB.
 
     `masks` maps a name to a bool (H, W) mask: filled with a distinct colour per name and
     outlined by its contours. `polygons` / `boxes` map the same names to lists of polygons (objects
     with ``.points`` or sequences of (x, y) pixels) and boxes (objects with x0, y0, x1, y1 or
     tuples), drawn as lines in the name's colour. Names are written at each mask's top left.
+    `colors` (name -> RGB) fixes the colours of some names; the others get distinct ones.
     """
     rgb = _check_rgb(rgb)
     names = list(masks)
@@ -92,7 +94,7 @@ def mask_overlay(rgb, masks: Mapping[str, np.ndarray], polygons=None, boxes=None
     for extra in list(polys) + list(bxs):
         if extra not in names:
             names.append(extra)
-    colors = dict(zip(names, distinct_colors(len(names))))
+    colors = {**dict(zip(names, distinct_colors(len(names)))), **dict(colors or {})}
     out = rgb.astype(np.float32)
     h, w = rgb.shape[:2]
     for name, mask in masks.items():
@@ -122,6 +124,19 @@ def mask_overlay(rgb, masks: Mapping[str, np.ndarray], polygons=None, boxes=None
             if len(xs):
                 put_label(out, name, (int(xs.min()), int(ys.min())), colors[name])
     return out
+
+
+def label_overlay(rgb, labels, palette: Sequence[tuple[int, int, int]] | None = None,
+                  alpha: float = 0.45) -> np.ndarray:
+    """An (H, W) integer label map drawn over a photo -> uint8 RGB: each label k > 0 filled and
+    outlined (:func:`mask_overlay`, no names written) in ``palette[(k - 1) % len(palette)]``
+    (default: :func:`distinct_colors` of the largest label); label 0 is left as it is."""
+    lab = _to_numpy(labels)
+    ks = [int(k) for k in np.unique(lab) if k > 0]
+    palette = list(palette) if palette else distinct_colors(max(ks, default=0))
+    masks = {str(k): lab == k for k in ks}
+    colors = {str(k): tuple(palette[(k - 1) % len(palette)]) for k in ks}
+    return mask_overlay(rgb, masks, alpha=alpha, labels=False, colors=colors)
 
 
 def put_label(img: np.ndarray, text: str, org: tuple[int, int], color=(255, 255, 255)) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.ls_results import mask_to_rle
+from backend.labelstudio.results import mask_to_rle
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>

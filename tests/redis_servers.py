@@ -1,6 +1,6 @@
 """Real Redis servers for the queue tests, and small job functions the worker subprocesses import.
 
-Two servers, same tests: the embedded Valkey started by backend.redis_conn (in a temporary data
+Two servers, same tests: the embedded Valkey started by backend.storage.connection (in a temporary data
 folder, stopped at the end of the session) and the machine's Redis at 127.0.0.1:6379 (db 11;
 skipped with a message when it does not answer). Each test gets its own namespace token
 (``t2mtest-<hex>``) used for queue names, job ids and worker names; every key containing the
@@ -84,7 +84,7 @@ def worker_env(server: Server, **extra: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
         "TAG2MASK_THREADS": "1",
         "LOG_LEVEL": "INFO",
-        # workers read photos through backend.image_fetch: local files only inside these roots
+        # workers read photos through backend.labelstudio.photos: local files only inside these roots
         "TAG2MASK_LOCAL_ROOTS": os.pathsep.join([str((REPO.parent / "shared" / "data" / "weizmann_horse").resolve()),
                                                  tempfile.gettempdir()]),
     })
@@ -118,8 +118,8 @@ def new_token() -> str:
 # -- fixtures (import them into a test module: ``from redis_servers import embedded_valkey, server``)
 @pytest.fixture(scope="session")
 def embedded_valkey(tmp_path_factory):
-    """The embedded Valkey of backend.redis_conn, data in a temporary MODEL_DIR; stopped at the end."""
-    from backend.redis_conn import EmbeddedValkey
+    """The embedded Valkey of backend.storage.connection, data in a temporary MODEL_DIR; stopped at the end."""
+    from backend.storage.connection import EmbeddedValkey
 
     data_dir = tmp_path_factory.mktemp("model_dir") / "valkey"
     server = EmbeddedValkey(data_dir)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.cli import EXPLAIN_METHODS, PRESETS, main
+from backend.cli.common import EXPLAIN_METHODS, PRESETS
+from backend.cli.main import main
 from conftest import horse_stems
 
 FAST = ["--preset", "fast", "--device", "cpu", "-q"]
@@ -61,8 +62,8 @@ def test_label_writes_masks_overlays_tasks_and_errors(label_run):
 
 
 def test_label_tasks_json_brush_rle_decodes_to_photo_size(label_run):
-    from backend.ls_results import decode_rle
-    from backend.model import VERSION, base_model_version
+    from backend.labelstudio.results import decode_rle
+    from backend.serving.versions import VERSION, base_model_version
     from backend.settings import Settings
 
     tasks = json.loads((label_run["out"] / "tasks.json").read_text())

@@ -18,8 +18,8 @@ import time
 
 import requests
 
-from backend.label_config import DEFAULT_LABEL_CONFIG
-from backend.registry import ModelRegistry
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.storage.registry import ModelRegistry
 from tests.backend_process import backend_env, backend_process, free_port
 from tests.conftest import REPO
 
@@ -117,11 +117,11 @@ def test_routes_answer_fast_from_the_first_moment_while_the_model_loads(tmp_path
 _NO_TORCH = textwrap.dedent("""
     import json, sys
     from backend.settings import Settings
-    import backend.server, backend.serve
+    import backend.web.app, backend.serve
     out = {"after import": "torch" in sys.modules}
-    backend.server.prepare_routes()              # the web part of what the gunicorn master imports
+    backend.web.app.prepare_routes()              # the web part of what the gunicorn master imports
     out["after prepare_routes"] = "torch" in sys.modules
-    app = backend.server.create_app(Settings.from_env(env={}, model_dir=sys.argv[1], warmup=False))
+    app = backend.web.app.create_app(Settings.from_env(env={}, model_dir=sys.argv[1], warmup=False))
     c = app.test_client()
     replies = {"health": c.get("/health").json}
     replies["setup"] = c.post("/setup", json={"project": "7.1700000000", **json.loads(sys.argv[2])}).json
@@ -165,7 +165,7 @@ def test_the_model_settings_and_results_import_without_torch():
 
 
 def test_health_reports_a_failed_warm_up(tmp_path):
-    from backend.server import create_app
+    from backend.web.app import create_app
     from backend.settings import Settings
 
     settings = Settings.from_env(env={}, model_dir=tmp_path, backbone="no_such_backbone", warmup=True)

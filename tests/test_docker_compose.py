@@ -27,7 +27,7 @@ ENV_READ = re.compile(
 
 def env_names_read_by_code() -> set[str]:
     names: set[str] = set()
-    for path in (REPO / "backend").glob("*.py"):
+    for path in (REPO / "backend").rglob("*.py"):
         for m in ENV_READ.finditer(path.read_text()):
             names.add(m.group(1) or m.group(2))
     return names
@@ -79,7 +79,7 @@ def test_env_names_agree_with_the_code(compose):
 
 def test_urls_and_ports_point_at_the_services(compose):
     services = compose["services"]
-    from backend.serve import DEFAULT_PORT
+    from backend.web.runner import DEFAULT_PORT
 
     for name in APP_SERVICES:
         env = _env(services[name])
@@ -99,7 +99,7 @@ def test_urls_and_ports_point_at_the_services(compose):
 
 
 def test_worker_and_scheduler_commands_parse(compose):
-    from backend.worker import build_parser
+    from backend.cli.worker import build_parser
 
     services = compose["services"]
     worker_cmd = services["worker"]["command"]
@@ -118,7 +118,7 @@ def test_worker_and_scheduler_commands_parse(compose):
 def test_dashboard_service_runs_tag2mask_dashboard_on_the_redis(compose):
     """The rq-dashboard service: ``tag2mask dashboard`` (its options parse) on the compose Redis, its
     port published, env names the code reads, and the image installs the ``dashboard`` extra."""
-    from backend.cli import build_parser
+    from backend.cli.main import build_parser
 
     dash = compose["services"]["dashboard"]
     cmd = dash["command"]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.label_config import DEFAULT_LABEL_CONFIG
-from backend.ls_results import decode_rle
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.labelstudio.results import decode_rle
 from tests.conftest import horse_stems
 from tests.labelstudio import BackendProcess
 
@@ -178,7 +178,7 @@ def _record_exchange(exchange) -> None:
 def test_label_command_output_imports_into_label_studio(stack, horse_dir, tmp_path):
     """`tag2mask label`'s tasks.json and label_config.xml are accepted by Label Studio as they are:
     one task per photo, each with its stored prediction whose brush mask overlaps the ground truth."""
-    from backend.cli import main
+    from backend.cli.main import main
 
     ls, _, _ = stack
     stems = STEMS[:2]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.cli import main
-from backend.eval_cmd import evaluate_classes, find_pairs, load_label_mask, read_classes, read_photo_tags
+from backend.cli.main import main
+from backend.cli.evaluation import evaluate_classes, find_pairs, load_label_mask, read_classes, read_photo_tags
 from explainers.metrics import ClassScores
 from multiclass_data import coco_dir, coco_tags, msrc_dir, msrc_names, msrc_tags
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.examples import ExampleStore, example_from_annotation
-from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
-from backend.ls_results import mask_to_rle
+from backend.storage.examples import ExampleStore
+from backend.labelstudio.annotations import example_from_annotation
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG, parse_label_config
+from backend.labelstudio.results import mask_to_rle
 from explainers.metrics import mask_to_box
 from tests.conftest import horse_stems
 

@@ -8,16 +8,17 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, horse_stems
-from backend.registry import PROMOTION_METRICS, ModelRegistry, compare_validation
-from backend.training_jobs import train_and_register
+from backend.storage.registry import PROMOTION_METRICS, ModelRegistry, compare_validation
+from backend.training.trainer import train_and_register
 from explainers.imageio import load_image
 from explainers.segment import PipelineConfig, Tag2Mask
 from explainers.metrics import mask_to_box
 from explainers.segment.fusion_tuning import (BOX_ONLY_WEIGHT, CAM_ALONE, HEAD_ALONE, MIN_MASKS, TIE_TOLERANCE,
                                               WEIGHTS, Combo, _best, _pick, choose_fusion, choose_fusion_weight,
                                               fallback_weight, masks_per_combo, masks_per_weight)
-from explainers.segment.pipeline import crf_by_tag, fuse_seg
 from explainers.segment.config import CRFConfig
+from explainers.segment.crf import crf_by_tag
+from explainers.segment.fusion import fuse_seg
 from explainers.training import ProjectHeads, Sample, fg_iou_scores
 
 GRID_KEYS = {f"{w:g}" for w in WEIGHTS} | {f"{w:g}/no-crf" for w in WEIGHTS}

@@ -131,11 +131,11 @@ PROJECT = "77"
 def test_backend_predicts_a_label_only_the_projects_head_knows(backbone, horse_dir, tmp_path, monkeypatch):
     """A project trained on tags only ("Pony photo" on horses, "Other scene" elsewhere; "Pony photo" is
     no ImageNet class) gets "Pony photo" chosen on a horse and brush, polygon and box results for it."""
-    from backend.ls_results import decode_rle
-    from backend.model import Tag2MaskModel
-    from backend.registry import ModelRegistry
+    from backend.labelstudio.results import decode_rle
+    from backend.serving.model import Tag2MaskModel
+    from backend.storage.registry import ModelRegistry
     from backend.settings import Settings
-    from backend.training_jobs import train_and_register
+    from backend.training.trainer import train_and_register
 
     with pytest.raises(UnknownTagError):
         Tag2Mask(backbone).class_set("Pony photo")

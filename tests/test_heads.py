@@ -8,7 +8,8 @@ import torch
 from skimage import data
 
 from explainers.errors import UnknownTagError
-from explainers.heads import BackboneFeatures, ClassifierHead, SegHead, fuse_with_cam
+from explainers.heads import BackboneFeatures, ClassifierHead, SegHead
+from explainers.segment.fusion import fuse_seg
 from explainers.tags import resolve_tag
 from explainers.training import ProjectHeads, Sample, TrainConfig, fg_iou_scores, train_heads
 from tests.conftest import horse_and_mask as _horse
@@ -58,21 +59,25 @@ def test_heads_save_only_their_own_parameters_and_round_trip(backbone, feats, ho
         SegHead(feats.channels, ["a", "a"])
 
 
-def test_fuse_with_cam():
-    cam = np.zeros((40, 60), np.float32)
-    cam[10:30, 20:40] = 1.0
-    seg = np.full((20, 30), 0.5, np.float32)                  # coarser: resized to the CAM's size
-    assert np.array_equal(fuse_with_cam(cam, seg, 0.0), cam)
-    assert np.allclose(fuse_with_cam(cam, seg, 1.0), 0.5)
-    mixed = fuse_with_cam(cam, seg, 0.25)
-    assert mixed.shape == cam.shape and mixed.dtype == np.float32
-    assert np.isclose(mixed[20, 30], 0.75 * 1 + 0.25 * 0.5) and np.isclose(mixed[0, 0], 0.125)
-    t = fuse_with_cam(torch.from_numpy(np.stack([cam, cam])), torch.ones(2, 40, 60), 0.5)
-    assert isinstance(t, torch.Tensor) and t.shape == (2, 40, 60) and float(t.min()) == 0.5
+def test_fuse_seg_blends_the_seg_head_into_the_cam():
+    """The pipeline's blend of a seg head into the CAM's class probabilities (background, then the
+    tags): weight 0 keeps the CAM, 1 gives the seg head, in between a linear mix per pixel."""
+    cam = np.full((40, 60), 0.1, np.float32)
+    cam[10:30, 20:40] = 0.9
+    unary = np.stack([1.0 - cam, cam])                        # background, horse
+    seg = {"horse": np.full((40, 60), 0.5, np.float32)}
+    assert np.allclose(fuse_seg(unary, ["horse"], seg, 0.0), unary, atol=1e-6)
+    assert np.allclose(fuse_seg(unary, ["horse"], seg, 1.0)[1], 0.5, atol=1e-6)
+    mixed = fuse_seg(unary, ["horse"], seg, 0.25)
+    assert mixed.shape == unary.shape and mixed.dtype == np.float32
+    assert np.isclose(mixed[1, 20, 30], 0.75 * 0.9 + 0.25 * 0.5) and np.isclose(mixed[1, 0, 0], 0.75 * 0.1 + 0.25 * 0.5)
+    assert np.allclose(mixed.sum(axis=0), 1.0, atol=1e-6)
+    two = fuse_seg(np.stack([1.0 - cam, cam / 2, cam / 2]), ["horse", "dog"],
+                   {"horse": np.ones((40, 60), np.float32), "dog": np.ones((40, 60), np.float32)}, 0.5)
+    assert two.shape == (3, 40, 60) and float(two[1:].min()) >= 0.25   # each tag: half the head's share
+    assert np.array_equal(fuse_seg(unary, ["horse"], seg, 1.5), fuse_seg(unary, ["horse"], seg, 1.0))  # clipped
     with pytest.raises(ValueError):
-        fuse_with_cam(cam, seg, 1.5)
-    with pytest.raises(ValueError):
-        fuse_with_cam(np.stack([cam, cam]), np.stack([seg] * 3), 0.5)
+        fuse_seg(unary, ["horse"], seg, 0.5, mode="max")
 
 
 def test_classifier_head_learns_labels_imagenet_lacks(backbone, horse_dir):

@@ -14,8 +14,8 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.label_config import DEFAULT_LABEL_CONFIG
-from backend.ls_results import mask_to_rle
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.labelstudio.results import mask_to_rle
 from tests.backend_process import backend_env, backend_process, free_port
 
 GOOD_PHOTO = "/data/local-files/?d=images/horse283.jpg"      # the classifier itself says horse
@@ -134,7 +134,7 @@ ODD_BUT_FINE = [
     ("unicode-junk-choice-ignored", {**_good(31), "annotations": [_choices_ann("\u202e\U0001f434\x00")]}),
     ("only-cancelled-annotations", {**_good(32), "annotations": [{**_choices_ann("Dog"), "was_cancelled": True}]}),
 ]
-FETCH_JUNK = [  # photo references no file has: a per-task fetch error (backend.image_fetch), cut short
+FETCH_JUNK = [  # photo references no file has: a per-task fetch error (backend.labelstudio.photos), cut short
     ("image-10k-unicode", {"id": 40, "data": {"image": "/data/local-files/?d=images/" + BIG}},
      "the local file name is too long"),
     ("image-nul", {"id": 41, "data": {"image": "/data/local-files/?d=images/horse283.jpg\x00.png"}},

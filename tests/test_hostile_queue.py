@@ -14,10 +14,10 @@ import time
 import pytest
 from rq.job import Job, JobStatus
 
-from backend import jobs
-from backend.label_config import DEFAULT_LABEL_CONFIG
-from backend.queues import enqueue_predictions
-from backend.server import create_app
+from backend.serving import predict
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.queue.queues import enqueue_predictions
+from backend.web.app import create_app
 from backend.settings import Settings
 from redis_servers import embedded_valkey, server, start_worker, worker_env  # noqa: F401
 from tests.test_hostile_input import BAD_TASKS, FETCH_JUNK, GOOD_PHOTO
@@ -135,7 +135,7 @@ def test_malformed_tasks_of_a_job_fail_alone_in_the_worker(server, tmp_path):
 
 def test_predict_chunk_survives_tasks_that_are_not_objects():
     """No Redis, no engine: a chunk of tasks that are not objects fails task by task, in order."""
-    outcomes = jobs.predict_chunk(["x", 5, None, [1]], label_config=DEFAULT_LABEL_CONFIG, model_version="v")
-    assert [jobs.task_error(o.error) for o in outcomes] == [
+    outcomes = predict.predict_chunk(["x", 5, None, [1]], label_config=DEFAULT_LABEL_CONFIG, model_version="v")
+    assert [predict.task_error(o.error) for o in outcomes] == [
         "a task must be a JSON object, not a string", "a task must be a JSON object, not a number",
         "a task must be a JSON object, not null", "a task must be a JSON object, not a list"]

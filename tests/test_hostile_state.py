@@ -13,8 +13,10 @@ import json
 import numpy as np
 import pytest
 
-from backend.model import MAX_ECHOED_TAG_CHARS, MAX_EVENT_PART_CHARS, Tag2MaskModel, get_engine
-from backend.server import MAX_PROJECTS, create_app
+from backend.serving.model import MAX_ECHOED_TAG_CHARS, Tag2MaskModel
+from backend.storage.event_log import MAX_EVENT_PART_CHARS
+from backend.serving.engine import get_engine
+from backend.web.app import MAX_PROJECTS, create_app
 from backend.settings import Settings
 from ls_payloads import LABEL_CONFIG, annotation, brush_result, horse_mask, webhook_body
 

@@ -1,4 +1,4 @@
-"""backend.image_fetch against a real HTTP server on 127.0.0.1 and real files (horse photos)."""
+"""backend.labelstudio.photos against a real HTTP server on 127.0.0.1 and real files (horse photos)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from backend.image_fetch import ImageFetcher, ImageFetchError, safe_url
+from backend.labelstudio.photos import ImageFetcher, ImageFetchError
+from backend.labelstudio.urls import safe_url
 from backend.settings import Settings
 from tests.conftest import horse_stems
 

@@ -1,12 +1,9 @@
-"""backend.label_config: labeling configs -> the controls bound to the Image (real SDK parser)."""
+"""backend.labelstudio.config: labeling configs -> the controls bound to the Image (real SDK parser)."""
 from __future__ import annotations
 
 import pytest
 
-from backend.label_config import (
-    DEFAULT_LABEL_CONFIG, BrushControl, ChoicesControl, LabelConfigError, PolygonControl, RectangleControl,
-    parse_label_config,
-)
+from backend.labelstudio.config import (DEFAULT_LABEL_CONFIG, BrushControl, ChoicesControl, LabelConfigError, PolygonControl, RectangleControl, parse_label_config)
 
 
 def test_default_config_has_the_four_controls_on_image():

@@ -1,4 +1,4 @@
-"""backend.labeling: collecting photos, per-photo tags, the labeling config, and one real batch."""
+"""backend.cli.labeling: collecting photos, per-photo tags, the labeling config, and one real batch."""
 from __future__ import annotations
 
 import json
@@ -9,17 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.labeling import (
-    UNUSABLE_TAG_HINT,
-    PhotoItem,
-    collect_photos,
-    image_url,
-    label_config_for,
-    label_photos,
-    mask_filename,
-    read_tags_csv,
-    tags_for,
-)
+from backend.cli.labeling import (UNUSABLE_TAG_HINT, PhotoItem, collect_photos, image_url, label_config_for, label_photos, mask_filename, read_tags_csv, tags_for)
 from conftest import horse_stems
 
 
@@ -73,7 +63,7 @@ def test_read_tags_csv_and_precedence(tmp_path):
 
 
 def test_label_config_for_default_and_generated():
-    from backend.label_config import DEFAULT_LABEL_CONFIG
+    from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 
     assert label_config_for(["horse", "cat"]).xml == DEFAULT_LABEL_CONFIG
     cfg = label_config_for(["cup", "traffic light", "horse"])
@@ -92,7 +82,7 @@ def test_image_url_and_mask_filename():
 
 
 def test_label_photos_real_batch(tmp_path, horse_dir, engine):
-    from backend.ls_results import decode_rle
+    from backend.labelstudio.results import decode_rle
 
     photos, errors = collect_photos([_horse(horse_dir, 0), _horse(horse_dir, 1), tmp_path / "gone.jpg"])
     second = photos[1].path.name
@@ -146,7 +136,7 @@ KITCHEN, GIRAFFE = "000000000294", "000000000025"
 
 
 def test_label_command_an_unusable_tag_does_not_sink_the_photos_other_tags(tmp_path, coco_dir, capsys):
-    from backend.cli import main
+    from backend.cli.main import main
 
     photos = [coco_dir / "images" / f"{stem}.jpg" for stem in (KITCHEN, GIRAFFE)]
     csv = tmp_path / "tags.csv"

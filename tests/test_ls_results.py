@@ -1,4 +1,4 @@
-"""backend.ls_results: PhotoResult objects built by hand from real horse masks -> Label Studio items."""
+"""backend.labelstudio.results: PhotoResult objects built by hand from real horse masks -> Label Studio items."""
 from __future__ import annotations
 
 import cv2
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
-from backend.ls_results import decode_rle, make_prediction, mask_to_rle, photo_to_results
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG, parse_label_config
+from backend.labelstudio.results import decode_rle, make_prediction, mask_to_rle, photo_to_results
 from explainers.segment.types import Box, PhotoResult, Polygon, TagMask
 from tests.conftest import horse_stems
 

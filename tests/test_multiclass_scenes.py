@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import pytest
 
-from backend.eval_cmd import load_label_mask, read_classes
+from backend.cli.evaluation import load_label_mask, read_classes
 from explainers.imageio import load_image
 from explainers.segment import PipelineConfig, Tag2Mask
 

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from backend.cli import main
-from backend.model import Tag2MaskModel
-from backend.registry import ModelRegistry
+from backend.cli.main import main
+from backend.serving.model import Tag2MaskModel
+from backend.storage.registry import ModelRegistry
 from backend.settings import Settings
-from backend.training_jobs import train_and_register
+from backend.training.trainer import train_and_register
 from explainers.training import Sample
 from tests.conftest import horse_and_mask, horse_stems, rgb_uint8, spread_names
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend.label_config import DEFAULT_LABEL_CONFIG
-from backend.server import create_app
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.web.app import create_app
 from backend.settings import Settings
 from conftest import horse_stems
 from redis_servers import REPO, embedded_valkey, server, start_worker, worker_env  # noqa: F401
@@ -174,7 +174,8 @@ def test_queue_off_keeps_inline_mode(horse_dir, tmp_path):
 def test_tag2mask_jobs_counts_and_watch(server, horse_dir, tmp_path):
     """``tag2mask jobs``: the queue table, a project's progress while queued, and ``--watch`` until a
     burst worker has done the project (predictions already cached: no engine needed)."""
-    from backend.queues import ResultCache, enqueue_predictions, image_hash
+    from backend.storage.result_cache import ResultCache, image_hash
+    from backend.queue.queues import enqueue_predictions
     from redis_servers import run_worker
 
     conn = server.client()
@@ -303,7 +304,7 @@ def test_label_studio_batch_workers_push_once_despite_a_killed_worker(server, la
         ls.retrieve_predictions(pid)
         assert time.monotonic() - t < 60          # answered without waiting for the photos
         conn = server.client()
-        from backend.queues import project_progress
+        from backend.queue.queues import project_progress
 
         _wait(lambda: project_progress(conn, str(pid))["done"] >= 2 and
               project_progress(conn, str(pid))["running"] > 0, 120, "the first job done, the next running",

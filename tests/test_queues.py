@@ -13,9 +13,8 @@ import pytest
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from backend.queues import (PRIORITIES, ResultCache, enqueue_predictions, enqueue_unique, get_queue,
-                            get_queues, image_hash, job_id_for, job_info, ls_cache_tags, project_progress,
-                            queue_counts, queue_name)
+from backend.queue.queues import (PRIORITIES, enqueue_predictions, enqueue_unique, get_queue, get_queues, job_id_for, job_info, project_progress, queue_counts, queue_name)
+from backend.storage.result_cache import ResultCache, image_hash, ls_cache_tags
 from redis_servers import embedded_valkey, run_worker, server, start_worker, worker_env  # noqa: F401
 from conftest import horse_stems
 
@@ -233,19 +232,19 @@ def test_predict_jobs_share_one_engine_and_batch_the_photos(server, horse_dir, t
 
 
 def test_a_chunk_is_one_call_of_the_shared_engine(horse_dir, tmp_path, monkeypatch):
-    """In-process, no Redis: both kinds of task run on backend.model's engine (the one the web
+    """In-process, no Redis: both kinds of task run on backend.serving.model's engine (the one the web
     process uses), each chunk's photos in one ``predict_many`` call (observed by a wrapper that calls
     the real method); explicit-tag tasks run without project heads; a photo that cannot be read fails
     alone."""
-    from backend import jobs
-    from backend.image_fetch import ImageFetchError
-    from backend.model import get_engine
+    from backend.serving import predict
+    from backend.labelstudio.photos import ImageFetchError
+    from backend.serving.engine import get_engine
     from backend.settings import Settings
 
     monkeypatch.setenv("TAG2MASK_PRESET", "fast")
     monkeypatch.setenv("TAG2MASK_DEVICE", "cpu")
     monkeypatch.setenv("TAG2MASK_LOCAL_ROOTS", f"{horse_dir}{os.pathsep}{tmp_path}")
-    monkeypatch.setattr(jobs, "_fetcher", None)
+    monkeypatch.setattr(predict, "_fetcher", None)
     engine, _ = get_engine(Settings.from_env())
     calls = []
     real = engine.predict_many
@@ -257,14 +256,14 @@ def test_a_chunk_is_one_call_of_the_shared_engine(horse_dir, tmp_path, monkeypat
     photos = [str(horse_dir / "images" / f"{s}.jpg") for s in horse_stems("test")[5:7]]
     explicit = [{"id": i, "image": p, "tags": ["horse"]} for i, p in enumerate(photos)]
     explicit.append({"id": 9, "image": str(tmp_path / "gone.jpg"), "tags": ["horse"]})
-    out = jobs.predict_chunk(explicit, label_config=LABEL_CONFIG, model_version="v-chunk")
+    out = predict.predict_chunk(explicit, label_config=LABEL_CONFIG, model_version="v-chunk")
     assert calls == [2] and engine.heads is None
     assert isinstance(out[2].error, ImageFetchError) and out[2].prediction is None
     for o in out[:2]:
         assert o.error is None and not o.cached
         assert any(r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["horse"] for r in o.prediction["result"])
     ls = [{"id": 10 + i, "image": p, "tags": [], "ls": True} for i, p in enumerate(photos)]
-    out = jobs.predict_chunk(ls, label_config=LABEL_CONFIG, model_version="v-chunk")
+    out = predict.predict_chunk(ls, label_config=LABEL_CONFIG, model_version="v-chunk")
     assert calls == [2, 2] and all(o.error is None and o.prediction["model_version"] == "v-chunk" for o in out)
 
 
@@ -274,7 +273,7 @@ def test_workers_push_one_prediction_per_task(server, label_studio, horse_dir, t
     predictions, from the cache) and a changed prediction never create a second prediction of the
     same model version. Runs on the embedded server only: which Redis holds the queue does not
     change what reaches Label Studio, and Label Studio's start-up already costs about a minute."""
-    from backend.jobs import LabelStudioPusher
+    from backend.labelstudio.client import LabelStudioPusher
 
     if server.kind != "embedded":
         pytest.skip("Label Studio push checked on the embedded server only")
@@ -343,7 +342,7 @@ def test_scheduler_requeues_abandoned_and_due_jobs(server, tmp_path):
     import threading
     from datetime import timedelta
 
-    from backend.worker import run_scheduler
+    from backend.queue.worker import run_scheduler
 
     conn = server.client()
     key = f"{server.token}:ran"
@@ -420,7 +419,7 @@ def test_worker_resumes_after_the_server_restarts(server, request, tmp_path):
 
 
 def test_with_retries_retries_only_transient_errors():
-    from backend.jobs import is_transient, with_retries
+    from backend.queue.retry import is_transient, with_retries
 
     calls = []
 

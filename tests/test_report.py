@@ -7,8 +7,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from backend.cli import main
-from backend.eval_report import pick_photos
+from backend.cli.main import main
+from backend.cli.report import pick_photos
 from conftest import horse_stems
 
 FAST = ["--preset", "fast", "--device", "cpu", "-q"]

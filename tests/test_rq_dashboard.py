@@ -14,7 +14,8 @@ import pytest
 import requests
 from rq.job import Job
 
-from backend.queues import ResultCache, enqueue_predictions, image_hash
+from backend.storage.result_cache import ResultCache, image_hash
+from backend.queue.queues import enqueue_predictions
 from conftest import horse_stems
 from redis_servers import REPO, embedded_valkey, run_worker, server, worker_env  # noqa: F401
 from tests.labelstudio import free_port

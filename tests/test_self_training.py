@@ -18,7 +18,7 @@ from conftest import horse_stems
 from explainers.imageio import load_image
 from explainers.metrics import SegmentationScore
 from explainers.segment import PipelineConfig, Tag2Mask
-from explainers.segment.pipeline import fuse_seg
+from explainers.segment.fusion import fuse_seg
 from explainers.self_training import SelfTrainConfig, pseudo_targets, self_train
 from explainers.training import ProjectHeads, TrainConfig
 

@@ -1,4 +1,4 @@
-"""backend.server: the Flask app through its test client (real model, real horse photos) and a real
+"""backend.web.app: the Flask app through its test client (real model, real horse photos) and a real
 gunicorn process on a free port."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.label_config import DEFAULT_LABEL_CONFIG
-from backend.ls_results import decode_rle
-from backend.model import engine_loaded
-from backend.server import create_app
+from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
+from backend.labelstudio.results import decode_rle
+from backend.serving.engine import engine_loaded
+from backend.web.app import create_app
 from backend.settings import Settings
 from tests.backend_process import backend_env, backend_process, free_port
 from tests.conftest import horse_stems
@@ -221,3 +221,37 @@ def test_gunicorn_smoke(horse_dir, stems, tmp_path):
         assert len(res) == 2 and res[0]["model_version"] == version and "result" not in res[1]
         assert {it["type"] for it in res[0]["result"]} == {"choices", "brushlabels", "polygonlabels", "rectanglelabels"}
         assert requests.post(base + "/predict", data="{bad", timeout=5).status_code == 400
+
+
+def test_inline_predict_uses_the_result_cache_and_survives_a_dead_redis(settings, stems, tmp_path):
+    """Inline /predict (queue off) goes through the workers' predict function: with REDIS_URL set, a
+    second /predict of the same task is answered from the result cache; with that Redis gone, the
+    cache is skipped and every task is still predicted."""
+    import os
+    from dataclasses import replace
+
+    import redis
+
+    from tests.redis_servers import delete_token_keys, new_token, system_redis_or_skip
+
+    url = system_redis_or_skip()
+    token = new_token()
+    os.environ["TAG2MASK_NAMESPACE"] = token          # the keys of this test only
+    try:
+        s = replace(settings, model_dir=tmp_path, redis_url=url, queue="off")
+        c = create_app(s).test_client()
+        task = {"id": 41, "data": {"image": f"/data/local-files/?d=images/{stems[0]}.jpg"},
+                "annotations": [{"id": 1, "result": [{"from_name": "tag", "to_name": "image", "type": "choices",
+                                                      "value": {"choices": ["Horse"]}}]}]}
+        first = c.post("/predict", json={"tasks": [task], "label_config": DEFAULT_LABEL_CONFIG}).json["results"][0]
+        assert first["result"], first
+        keys = list(redis.Redis.from_url(url).scan_iter(match=f"{token}:result:41:*"))
+        assert len(keys) == 2, keys                      # by photo content and by photo reference
+        again = c.post("/predict", json={"tasks": [task], "label_config": DEFAULT_LABEL_CONFIG}).json["results"][0]
+        assert again == first
+        dead = create_app(replace(s, redis_url="redis://127.0.0.1:9/0")).test_client()
+        out = dead.post("/predict", json={"tasks": [task], "label_config": DEFAULT_LABEL_CONFIG}).json["results"][0]
+        assert out.get("result") and "error" not in out, out
+    finally:
+        os.environ.pop("TAG2MASK_NAMESPACE", None)
+        delete_token_keys(redis.Redis.from_url(url), token)

@@ -2,7 +2,7 @@
 
 Real everything: heads trained on Weizmann horse photos with their ground-truth masks (efficientnet_lite0,
 CPU), the Flask app through its test client (inline predictions), the queue worker's job function
-(:func:`backend.jobs.predict_one`, no Redis needed without a result cache), the registry on disk, the
+(:func:`backend.predict.predict_one`, no Redis needed without a result cache), the registry on disk, the
 machine's Redis at 127.0.0.1:6379 db 12 for the Redis model mirror and the scheduler (skipped when down).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from conftest import horse_stems
 from ls_payloads import LABEL_CONFIG, horse_mask, horse_webhooks
 from test_training_jobs import REDIS_URL, rconn  # noqa: F401 - the machine's Redis (db 12), own namespace
 
-from backend.ls_results import decode_rle
-from backend.registry import ModelRegistry
+from backend.labelstudio.results import decode_rle
+from backend.storage.registry import ModelRegistry
 from backend.settings import Settings
 
 PROJECT = "88"
@@ -32,7 +32,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, horse_dir, backbone):
     """MODEL_DIR with project 88's v1 (seg + classifier heads on 6 horse photos) promoted."""
-    from backend.training_jobs import train_and_register
+    from backend.training.trainer import train_and_register
     from explainers.imageio import load_image
     from explainers.training import Sample
 
@@ -52,7 +52,7 @@ def settings(trained, horse_dir, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("TAG2MASK_MODEL_VERSION", raising=False)
     return Settings.from_env(env={}, model_dir=trained, preset="fast", device="cpu", local_roots=[horse_dir],
-                             warmup=False, queue="off")
+                             warmup=False, queue="off", heads_ttl=0.5)
 
 
 def _brush(pred: dict, h: int, w: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def _brush(pred: dict, h: int, w: int) -> np.ndarray:
 
 
 def test_base_version_hashes_the_preset_and_keeps_the_override():
-    from backend.model import base_model_version
+    from backend.serving.versions import base_model_version
 
     fast, balanced = (base_model_version(Settings.from_env(env={}, preset=p)) for p in ("fast", "balanced"))
     assert BASE.match(fast) and fast.startswith("tag2mask-") and fast[-6:] != balanced[-6:]
@@ -72,7 +72,7 @@ def test_base_version_hashes_the_preset_and_keeps_the_override():
 def test_a_project_is_served_with_its_promoted_heads(settings, trained, horse_dir):
     import time
 
-    from backend.server import create_app
+    from backend.web.app import create_app
 
     stem = horse_stems("test")[0]
     truth = horse_mask(horse_dir, stem).astype(bool)
@@ -117,22 +117,22 @@ def test_a_project_is_served_with_its_promoted_heads(settings, trained, horse_di
 
 def test_a_queue_worker_uses_the_heads_of_the_version_it_was_asked_for(settings, trained, horse_dir, monkeypatch):
     """The worker's job function: the web process chose the version (it keys the result cache)."""
-    from backend import jobs
-    from backend.training_jobs import current_model_version
+    from backend.serving import predict
+    from backend.serving.versions import current_model_version
 
     monkeypatch.setenv("MODEL_DIR", str(trained))
     monkeypatch.setenv("TAG2MASK_PRESET", "fast")
     monkeypatch.setenv("TAG2MASK_DEVICE", "cpu")
     monkeypatch.setenv("TAG2MASK_LOCAL_ROOTS", str(horse_dir))
-    monkeypatch.setattr(jobs, "_fetcher", None)
+    monkeypatch.setattr(predict, "_fetcher", None)
     stem = horse_stems("test")[0]
     truth = horse_mask(horse_dir, stem).astype(bool)
     h, w = truth.shape
     task = {"id": 6, "image": str(horse_dir / "images" / f"{stem}.jpg"), "tags": None, "ls": True}
     version = current_model_version(PROJECT, settings)
     assert version.endswith("+p88.v1")
-    pred, cached = jobs.predict_one(task, label_config=LABEL_CONFIG, model_version=version, project=PROJECT)
-    base_pred, _ = jobs.predict_one(task, label_config=LABEL_CONFIG, model_version=version.split("+")[0],
+    pred, cached = predict.predict_one(task, label_config=LABEL_CONFIG, model_version=version, project=PROJECT)
+    base_pred, _ = predict.predict_one(task, label_config=LABEL_CONFIG, model_version=version.split("+")[0],
                                     project="_")
     assert not cached and pred["model_version"] == version
     m_heads, m_cam = _brush(pred, h, w), _brush(base_pred, h, w)
@@ -140,7 +140,7 @@ def test_a_queue_worker_uses_the_heads_of_the_version_it_was_asked_for(settings,
     assert _iou(m_heads, truth) > 0.5
 
     # v2 promoted after the worker cached v1 (long ttl): asked for v2, it re-reads the registry at once
-    from backend.model import get_heads_cache
+    from backend.serving.heads import get_heads_cache
 
     cache = get_heads_cache(Settings.from_env())
     monkeypatch.setattr(cache, "ttl", 3600.0)
@@ -153,7 +153,7 @@ def test_a_queue_worker_uses_the_heads_of_the_version_it_was_asked_for(settings,
         task["id"] = 7
         newer = current_model_version(PROJECT, settings)
         assert newer.endswith(f"+p88.{v}")
-        pred, _ = jobs.predict_one(task, label_config=LABEL_CONFIG, model_version=newer, project=PROJECT)
+        pred, _ = predict.predict_one(task, label_config=LABEL_CONFIG, model_version=newer, project=PROJECT)
         assert pred["model_version"] == newer and cache.get(PROJECT)[0] == v
     finally:
         registry.promote(PROJECT, "v1", force=True)
@@ -161,15 +161,16 @@ def test_a_queue_worker_uses_the_heads_of_the_version_it_was_asked_for(settings,
 
 def test_a_worker_on_another_host_reads_the_heads_from_redis(trained, horse_dir, rconn, tmp_path, monkeypatch):
     """No registry on this host (an empty MODEL_DIR), REDIS_URL set: the heads come from the Redis mirror."""
-    from backend.model import Tag2MaskModel
-    from backend.training_jobs import RedisModelStore, current_model_version
+    from backend.serving.model import Tag2MaskModel
+    from backend.storage.model_mirror import RedisModelStore
+    from backend.serving.versions import current_model_version
     from explainers.imageio import load_image
 
     monkeypatch.setenv("TAG2MASK_HEADS_TTL", "0.5")
     web = Settings.from_env(env={}, model_dir=trained, preset="fast", device="cpu")
     assert RedisModelStore(rconn).publish(ModelRegistry.in_model_dir(trained), PROJECT) == "v1"
     remote = Settings.from_env(env={}, model_dir=tmp_path / "empty", preset="fast", device="cpu", redis_url=REDIS_URL,
-                               warmup=False)
+                               warmup=False, heads_ttl=0.5)
     version = current_model_version(PROJECT, web)
     stem = horse_stems("test")[1]
     photo = load_image(horse_dir / "images" / f"{stem}.jpg")
@@ -190,9 +191,9 @@ def test_worker_scheduler_runs_the_training_scheduler(tmp_path, horse_dir, rconn
     import threading
     import time
 
-    from backend.queues import get_queue
-    from backend.training_jobs import handle_training_event
-    from backend.worker import run_scheduler
+    from backend.queue.queues import get_queue
+    from backend.training.webhook import handle_training_event
+    from backend.queue.worker import run_scheduler
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model_dir"))
     monkeypatch.setenv("TRAIN_MIN_NEW", "2")

@@ -1,4 +1,4 @@
-"""backend.image_fetch against URL tricks: what is checked is what is connected to, and Label Studio's
+"""backend.labelstudio.photos against URL tricks: what is checked is what is connected to, and Label Studio's
 token goes only to Label Studio's scheme, host and port.
 
 Two real HTTP servers on 127.0.0.1: "Label Studio" (serves /data/upload/ with the token, redirects,
@@ -16,7 +16,8 @@ from urllib.parse import parse_qs, quote
 
 import pytest
 
-from backend.image_fetch import ImageFetcher, ImageFetchError, safe_url
+from backend.labelstudio.photos import ImageFetcher, ImageFetchError
+from backend.labelstudio.urls import safe_url
 from backend.settings import Settings
 from tests.conftest import horse_stems
 

@@ -8,8 +8,8 @@ import pytest
 from conftest import horse_stems
 from ls_payloads import ls_export
 
-from backend.cli import main
-from backend.registry import ModelRegistry
+from backend.cli.main import main
+from backend.storage.registry import ModelRegistry
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_train_from_label_studio_export(tmp_path, horse_dir, capsys):
 
     # photos outside the images root are never read
     tasks[0]["data"]["image"] = "/data/local-files/?d=../masks/" + stems[0] + ".png"
-    from backend.train_cmd import resolve_export_image
+    from backend.labelstudio.export import resolve_export_image
 
     assert resolve_export_image(tasks[0]["data"]["image"], horse_dir / "images") is None
     assert resolve_export_image(f"s3://bucket/x/{stems[2]}.jpg", horse_dir / "images").name == f"{stems[2]}.jpg"

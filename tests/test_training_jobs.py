@@ -17,8 +17,8 @@ import redis
 from conftest import horse_stems
 from ls_payloads import LABEL_CONFIG, annotation, brush_result, horse_mask, horse_webhooks, webhook_body
 
-from backend.examples import ExampleStore
-from backend.registry import ModelRegistry
+from backend.storage.examples import ExampleStore
+from backend.storage.registry import ModelRegistry
 from backend.settings import Settings
 
 REDIS_URL = os.environ.get("TAG2MASK_TEST_TRAIN_REDIS", "redis://127.0.0.1:6379/12")
@@ -62,21 +62,21 @@ def rconn(monkeypatch):
 @pytest.fixture
 def shared_backbone(backbone):
     """Let the job functions reuse the session's efficientnet_lite0 instead of loading another."""
-    from backend import training_jobs
+    from backend.serving import engine
 
-    training_jobs._BACKBONES[(backbone.name, str(backbone.device))] = backbone
+    engine._BACKBONES[(backbone.name, str(backbone.device))] = backbone
     os.environ.setdefault("TAG2MASK_DEVICE", "cpu")
     return backbone
 
 
 def _store_webhooks(bodies, settings):
-    from backend.training_jobs import handle_training_event
+    from backend.training.webhook import handle_training_event
 
     return [handle_training_event(b["action"], b, settings) for b in bodies]
 
 
 def _queued_ids(conn):
-    from backend.queues import get_queue
+    from backend.queue.queues import get_queue
 
     return get_queue("train", conn).job_ids
 
@@ -86,7 +86,7 @@ def _run_train_queue(conn):
     from rq import SimpleWorker
     from rq.job import Job
 
-    from backend.queues import get_queue
+    from backend.queue.queues import get_queue
 
     q = get_queue("train", conn)
     ids = list(q.job_ids)
@@ -99,7 +99,7 @@ def _run_train_queue(conn):
 
 # -- webhook ---------------------------------------------------------------------------------------
 def test_webhook_stores_updates_and_deletes_examples(settings, horse_dir, monkeypatch):
-    from backend.server import create_app
+    from backend.web.app import create_app
 
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")   # nothing listens: training must be deferred
     client = create_app(settings).test_client()
@@ -170,7 +170,7 @@ def test_webhook_stores_updates_and_deletes_examples(settings, horse_dir, monkey
 
 
 def test_start_training_webhook_enqueues_one_job(settings, horse_dir, rconn):
-    from backend.server import create_app
+    from backend.web.app import create_app
 
     client = create_app(settings).test_client()
     for body in horse_webhooks(horse_dir, horse_stems("train")[:3], project=8):
@@ -185,8 +185,10 @@ def test_start_training_webhook_enqueues_one_job(settings, horse_dir, rconn):
 
 # -- tick -> job -> registry ---------------------------------------------------------------------
 def test_tick_trains_once_and_a_regressing_version_is_not_promoted(settings, horse_dir, rconn, shared_backbone):
-    from backend.training_jobs import (check_projects, current_model_version, handle_training_event,
-                                       load_project_heads, run_training_scheduler)
+    from backend.training.schedule import check_projects, run_training_scheduler
+    from backend.serving.versions import current_model_version
+    from backend.training.webhook import handle_training_event
+    from backend.serving.heads import load_project_heads
 
     project = "21"
     stems = horse_stems("train")[:12]
@@ -253,11 +255,12 @@ def test_tick_trains_once_and_a_regressing_version_is_not_promoted(settings, hor
 
 
 def test_one_training_per_project_at_a_time(settings, horse_dir, rconn, shared_backbone):
-    from backend.training_jobs import _lock_key, train_project
+    from backend.storage.keys import train_lock_key
+    from backend.training.trainer import train_project
 
     _store_webhooks(horse_webhooks(horse_dir, horse_stems("train")[:3], project=31), settings)
     opts = {"model_dir": str(settings.model_dir), "local_roots": [str(horse_dir / "images")]}
-    held = rconn.lock(_lock_key(31), timeout=30)
+    held = rconn.lock(train_lock_key(31), timeout=30)
     assert held.acquire(blocking=False)
     try:
         out = train_project("31", opts, connection=rconn)
@@ -268,7 +271,8 @@ def test_one_training_per_project_at_a_time(settings, horse_dir, rconn, shared_b
 
 
 def test_heads_cache_switches_to_a_new_promoted_version(settings, horse_dir, shared_backbone):
-    from backend.training_jobs import ProjectHeadsCache, train_and_register
+    from backend.serving.heads import ProjectHeadsCache
+    from backend.training.trainer import train_and_register
     from explainers.imageio import load_image
     from explainers.training import Sample
 
@@ -299,7 +303,7 @@ def test_rq_cron_tick_queues_and_a_worker_trains(settings, horse_dir, rconn, sha
     """RQ 3's CronScheduler enqueues the tick; a burst worker runs it and then the training it queued."""
     from rq.cron import CronScheduler
 
-    from backend.training_jobs import register_cron
+    from backend.training.schedule import register_cron
 
     settings.train_min_new = 3
     _store_webhooks(horse_webhooks(horse_dir, horse_stems("train")[:4], project=51), settings)
@@ -321,7 +325,8 @@ def test_a_label_imagenet_lacks_becomes_predictable_from_tagged_photos(settings,
     from skimage import data
 
     from ls_payloads import choices_result
-    from backend.training_jobs import handle_training_event, load_project_heads
+    from backend.training.webhook import handle_training_event
+    from backend.serving.heads import load_project_heads
     from explainers.imageio import load_image
 
     others = {"chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
@@ -351,7 +356,7 @@ def test_a_label_imagenet_lacks_becomes_predictable_from_tagged_photos(settings,
 def test_scheduler_loop_survives_redis_being_down(settings, caplog):
     import threading
 
-    from backend.training_jobs import run_training_scheduler
+    from backend.training.schedule import run_training_scheduler
 
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     stop = threading.Event()
@@ -363,8 +368,10 @@ def test_scheduler_loop_survives_redis_being_down(settings, caplog):
 def test_models_reach_a_host_that_shares_only_redis(settings, horse_dir, rconn, shared_backbone):
     """The training job publishes the promoted heads to Redis; a worker elsewhere (no MODEL_DIR)
     serves them through ProjectHeadsCache(RedisModelStore), and follows a rollback synced by the loop."""
-    from backend.training_jobs import (ProjectHeadsCache, RedisModelStore, run_training_scheduler,
-                                       train_and_register, train_project)
+    from backend.serving.heads import ProjectHeadsCache
+    from backend.storage.model_mirror import RedisModelStore
+    from backend.training.schedule import run_training_scheduler
+    from backend.training.trainer import train_and_register, train_project
     from explainers.imageio import load_image
 
     _store_webhooks(horse_webhooks(horse_dir, horse_stems("train")[:6], project=71), settings)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.ls_results import UNUSABLE_TAG_HINT
-from backend.server import create_app
+from backend.labelstudio.results import UNUSABLE_TAG_HINT
+from backend.web.app import create_app
 from backend.settings import Settings
 from redis_servers import embedded_valkey, server, start_worker, worker_env  # noqa: F401
 
@@ -111,13 +111,13 @@ def test_the_same_through_the_job_queue(server, coco_dir, tmp_path, inline_resul
 
 def test_explicit_tag_jobs_carry_the_same_warning(coco_dir, inline_results, monkeypatch):
     """An explicit-tag task (CLI, scripts) goes through engine.predict_many directly: the same warning."""
-    from backend import jobs
+    from backend.serving import predict
 
     monkeypatch.setenv("TAG2MASK_PRESET", "fast")
     monkeypatch.setenv("TAG2MASK_DEVICE", "cpu")
     monkeypatch.setenv("TAG2MASK_LOCAL_ROOTS", str(coco_dir))
-    monkeypatch.setattr(jobs, "_fetcher", None)
-    (outcome,) = jobs.predict_chunk([{"id": 1, "image": str(coco_dir / "images" / f"{KITCHEN}.jpg"),
+    monkeypatch.setattr(predict, "_fetcher", None)
+    (outcome,) = predict.predict_chunk([{"id": 1, "image": str(coco_dir / "images" / f"{KITCHEN}.jpg"),
                                       "tags": ["Microwave", "Person", "Clock"]}],
                                     label_config=CONFIG, model_version="v-explicit")
     assert outcome.error is None, outcome.error

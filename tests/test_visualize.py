@@ -9,7 +9,7 @@ import torch
 from explainers import LayerNotFoundError
 from explainers.explain import EXPLAIN_METHODS, explain
 from explainers.segment.types import Box, Polygon
-from explainers.visualize import gradient_image, heatmap_overlay, mask_overlay, save_png
+from explainers.visualize import gradient_image, heatmap_overlay, label_overlay, mask_overlay, save_png
 
 CAT = (281, 282, 283, 284, 285)
 
@@ -49,6 +49,25 @@ def test_mask_overlay_distinct_colours_contours_polygons_boxes():
     assert not np.array_equal(labelled[12:20, 12:40], out[12:20, 12:40])     # the name is written
     with pytest.raises(ValueError):
         mask_overlay(rgb, {"x": np.zeros((5, 5), bool)})
+
+
+def test_fixed_colours_and_label_maps():
+    rgb = np.full((100, 120, 3), 128, np.uint8)
+    a = np.zeros((100, 120), bool)
+    a[10:50, 10:50] = True
+    red = mask_overlay(rgb, {"pred": a}, alpha=0.5, labels=False, colors={"pred": (255, 0, 0)})
+    np.testing.assert_array_equal(red[30, 30], [192, 64, 64])                # half way to the given colour
+    np.testing.assert_array_equal(red[30, 90], rgb[30, 90])
+    labels = np.zeros((100, 120), np.int32)
+    labels[10:50, 10:50] = 1
+    labels[60:90, 70:110] = 3
+    palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    out = label_overlay(rgb, labels, palette, alpha=0.5)
+    np.testing.assert_array_equal(out[30, 30], [192, 64, 64])                # label 1: palette[0]
+    np.testing.assert_array_equal(out[75, 90], [64, 64, 192])                # label 3: palette[2]
+    np.testing.assert_array_equal(out[55, 5], rgb[55, 5])                    # label 0 untouched
+    np.testing.assert_array_equal(label_overlay(rgb, np.zeros((100, 120), np.int32)), rgb)
+    assert not np.array_equal(label_overlay(rgb, labels)[30, 30], rgb[30, 30])   # default palette
 
 
 def test_gradient_image():

@@ -7,7 +7,8 @@ when flipped, and averaged. Optionally (``affinity``) the averaged maps then tak
 steps over the similarity graph of a middle layer's features (recorded in the largest pass):
 activation spreads from the most discriminative parts (a horse's head) to the cells that look alike
 (the rest of the horse), which plain CAMs leave out. Everything stays on the backbone's device; the
-caller moves the result.
+caller moves the result. That loop over scales is :func:`multi_scale`, which the head's CAM
+(:mod:`head_cam`) runs too, with its own pass.
 
 :meth:`CAMStage.many` gives the same per photo for many photos, batching the photos that share a
 pass size (photos of one aspect ratio do) into one forward/backward pass per scale.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -83,27 +84,19 @@ class CAMStage:
         self._grids: dict[tuple[int, int], tuple[int, int]] = {}
 
     def __call__(self, image: np.ndarray, class_sets: Sequence[Sequence[int]]) -> CAMOutput:
-        h, w = image.shape[:2]
-        work = working_size(h, w, self.cfg.work_side)
         targets = [list(c) for c in class_sets]
-        total = None
-        probs = []
-        features = None
-        largest = int(np.argmax(self.cfg.scales))
-        for i, scale in enumerate(self.cfg.scales):
-            x = self.backbone.to_tensor(image, pass_size(h, w, scale, self.cfg))
-            if self.cfg.flip:
-                x = torch.cat([x, x.flip(-1)])
-            if self.affinity_layer and i == largest:   # features of the largest pass (unflipped photo)
+
+        def one_pass(x: torch.Tensor, work: tuple[int, int], record: bool):
+            if record:   # features of the largest pass (unflipped photo)
                 with LayerRecorder(self.backbone.model, [self.affinity_layer]) as rec:
                     res = self.method.compute(x, [targets] * x.shape[0], output_size=work, normalize=False)
                 features = rec[self.affinity_layer][:1].detach()
             else:
                 res = self.method.compute(x, [targets] * x.shape[0], output_size=work, normalize=False)
-            maps = fold_passes(res.maps, self.cfg.flip)
-            total = maps if total is None else total + maps
-            probs.append(_tag_probs(res.logits, targets))
-        return finish_maps(total, probs, features, work, self.cfg)
+                features = None
+            return res.maps, _tag_probs(res.logits, targets), features
+
+        return multi_scale(self.backbone, image, self.cfg, bool(self.affinity_layer), one_pass)
 
     def many(self, images: Sequence[np.ndarray], class_sets_per_image: Sequence[Sequence[Sequence[int]]],
              max_batch: int = 8) -> list[CAMOutput]:
@@ -193,6 +186,38 @@ class CAMStage:
             if size not in self._grids:
                 raise RuntimeError(f"layer {self.method.target_layers[0]!r} did not run in a forward pass")
         return self._grids[size]
+
+
+# one pass of multi_scale: (batch, working size, record the affinity features) -> (maps, tag probabilities, features)
+PassFn = Callable[[torch.Tensor, tuple[int, int], bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def multi_scale(backbone: Backbone, image: np.ndarray, cfg: CAMConfig, affinity: bool, one_pass: PassFn) -> CAMOutput:
+    """The passes of one photo, summed and finished: at each of ``cfg.scales`` the photo at
+    :func:`pass_size` (and, with ``cfg.flip``, its mirror image, batched with it) goes through
+    ``one_pass(x, work size, record)`` -> (maps (R, K, h, w) at the working size, tag probabilities
+    (K,), affinity features (1, C, h', w') or None); `record` is true in the largest pass when
+    `affinity`. The maps are folded (:func:`fold_passes`), summed over the scales and finished
+    (:func:`finish_maps`). The CAM stage and the head's CAM (:mod:`head_cam`) both run this loop."""
+    h, w = image.shape[:2]
+    work = working_size(h, w, cfg.work_side)
+    total = None
+    probs = []
+    features = None
+    largest = int(np.argmax(cfg.scales))
+    for i, scale in enumerate(cfg.scales):
+        x = backbone.to_tensor(image, pass_size(h, w, scale, cfg))
+        if cfg.flip:
+            x = torch.cat([x, x.flip(-1)])
+        record = affinity and i == largest
+        maps, p, feats = one_pass(x, work, record)
+        if record:
+            features = feats
+        maps = fold_passes(maps, cfg.flip)
+        total = maps if total is None else total + maps
+        probs.append(p)
+    return finish_maps(total, probs, features, work, cfg)
+
 
 def fold_passes(maps: torch.Tensor, flip: bool) -> torch.Tensor:
     """(1 or 2, K, h, w) maps of one pass of a photo (and, when `flip`, its mirror image) -> (K, h, w):

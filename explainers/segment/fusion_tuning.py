@@ -2,7 +2,7 @@
 
 With trained heads, :class:`~explainers.segment.Tag2Mask` blends the seg head's probabilities into
 the CAM-derived ones at weight ``w`` (0 = CAM only, 1 = seg head only; see
-:func:`~explainers.segment.pipeline.fuse_seg`), then runs the dense CRF. The CAM is ImageNet's, or
+:func:`~explainers.segment.fusion.fuse_seg`), then runs the dense CRF. The CAM is ImageNet's, or
 for labels ImageNet cannot name (and those the head learnt against photos without them) the
 classifier head's (:mod:`~explainers.segment.head_cam`): whichever the engine serves for the tag.
 What is best depends on the label and on how many corrections the heads learnt from, so
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from explainers.train_metrics import fg_iou_scores
 
 __all__ = ["WEIGHTS", "MIN_MASKS", "TIE_TOLERANCE", "BOX_ONLY_WEIGHT", "Combo", "FusionChoice", "masks_per_combo",
            "masks_per_weight", "choose_fusion", "choose_fusion_weight", "fallback_weight"]
@@ -258,7 +260,7 @@ def choose_fusion(engine, heads, samples: Sequence, weights: Sequence[float] = W
     """Each label's combination of the parts (seg head weight x CRF on/off) with the best validation
     fg IoU of the served pipeline. See the module docstring.
 
-    `samples`: :class:`explainers.training.Sample` with masks (others are passed over), photos
+    `samples`: :class:`explainers.samples.Sample` with masks (others are passed over), photos
     loaded one at a time. Each photo runs with its tags the engine can segment with `heads` (a
     label ImageNet cannot name is segmented with the head's CAM, as served), scored on the masks
     of those tags the seg head was trained on, at the photo's size. A photo that fails to load, or
@@ -266,8 +268,6 @@ def choose_fusion(engine, heads, samples: Sequence, weights: Sequence[float] = W
     config has the CRF off. Ties (within `tolerance`) go to the smaller weight, then to the
     configured CRF.
     """
-    from explainers.training import fg_iou_scores
-
     if heads.segmenter is None:
         return FusionChoice(None, min_masks=min_masks)
     default_crf = bool(engine.config.crf.enabled)

@@ -10,9 +10,9 @@ of label k is the spatial mean of
 plus a constant ``b_k - sum_c W[k, c] mean[c] / std[c]``. So a label ImageNet never had
 ("pony-photo") gets a map from the same features the ImageNet CAM reads, with no gradient pass.
 
-:class:`HeadCAM` makes those maps with the passes of the CAM stage (:mod:`cam_stage`: the same pass
-sizes, scales and flip, ReLU at the layer's resolution, bilinear to the working size, per-pass peak
-normalisation, average) and its post-steps (``propagate`` over the affinity layer's features of the
+:class:`HeadCAM` makes those maps with the passes of the CAM stage
+(:func:`~explainers.segment.cam_stage.multi_scale`: the same pass sizes, scales and flip, ReLU at the
+layer's resolution, bilinear to the working size, per-pass peak normalisation, average) and its post-steps (``propagate`` over the affinity layer's features of the
 largest pass, then ``guard_cover``), and returns a :class:`~explainers.segment.cam_stage.CAMOutput`
 whose ``probs`` are the head's sigmoid probabilities (mean over the passes and mirror images).
 Everything stays on the backbone's device.
@@ -29,7 +29,7 @@ from explainers.backbones import Backbone
 from explainers.errors import UnknownTagError
 from explainers.heads import ClassifierHead
 from explainers.hooks import LayerRecorder, get_layer
-from explainers.segment.cam_stage import CAMOutput, finish_maps, fold_passes, pass_size, working_size
+from explainers.segment.cam_stage import CAMOutput, multi_scale
 from explainers.segment.config import CAMConfig
 
 __all__ = ["HeadCAM", "merge_cam_outputs"]
@@ -88,25 +88,14 @@ class HeadCAM:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, labels: Sequence[str]) -> CAMOutput:
-        h, w = image.shape[:2]
-        work = working_size(h, w, self.cfg.work_side)
-        total = None
-        probs = []
-        features = None
-        largest = int(np.argmax(self.cfg.scales))
-        for i, scale in enumerate(self.cfg.scales):
-            x = self.backbone.to_tensor(image, pass_size(h, w, scale, self.cfg))
-            if self.cfg.flip:
-                x = torch.cat([x, x.flip(-1)])
-            record = [self.affinity_layer] if (self.affinity_layer and i == largest) else []
-            raw, logits, rec = self.layer_maps(x, labels, record)
-            if record:   # features of the largest pass (unflipped photo), as the CAM stage takes them
-                features = rec[self.affinity_layer][:1]
-            maps = fold_passes(F.interpolate(F.relu(raw), size=work, mode="bilinear", align_corners=False),
-                               self.cfg.flip)
-            total = maps if total is None else total + maps
-            probs.append(logits.sigmoid().mean(0))
-        return finish_maps(total, probs, features, work, self.cfg)
+        def one_pass(x: torch.Tensor, work: tuple[int, int], record: bool):
+            raw, logits, rec = self.layer_maps(x, labels, [self.affinity_layer] if record else [])
+            # features of the largest pass (unflipped photo), as the CAM stage takes them
+            features = rec[self.affinity_layer][:1] if record else None
+            maps = F.interpolate(F.relu(raw), size=work, mode="bilinear", align_corners=False)
+            return maps, logits.sigmoid().mean(0), features
+
+        return multi_scale(self.backbone, image, self.cfg, bool(self.affinity_layer), one_pass)
 
 
 def merge_cam_outputs(tags: Sequence[str], parts: Sequence[tuple[Sequence[str], CAMOutput]]) -> CAMOutput:

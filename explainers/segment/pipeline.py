@@ -8,11 +8,11 @@ Stages (each a small function or class in this package, chosen by :class:`Pipeli
    against photos without them; ``fusion.head_cam``) get theirs from its classifier head instead
    (:mod:`head_cam`), so labels ImageNet lacks get masks too.
 2. Background (:mod:`background`): background + per-tag probabilities from the CAMs.
-2b. Fusion (optional, :func:`fuse_seg`): with trained heads (``Tag2Mask(heads=...)`` or
+2b. Fusion (optional, :mod:`fusion`): with trained heads (``Tag2Mask(heads=...)`` or
    ``set_heads``), the seg head's probabilities are blended into those of the tags it knows, at
    the weight the heads carry for each label (chosen on validation: :meth:`Tag2Mask.fusion_for`).
 3. Dense CRF (:mod:`crf`) over background + all tags jointly, at a working resolution (off for
-   the labels whose validation chose it off: :func:`crf_by_tag`).
+   the labels whose validation chose it off: :func:`~explainers.segment.crf.crf_by_tag`).
 4. Clean-up (:mod:`postprocess`) of the per-tag masks at the original resolution.
 5. Geometry (:mod:`geometry`): polygons and boxes with scores.
 
@@ -36,7 +36,8 @@ from explainers.hooks import LayerRecorder
 from explainers.segment.background import calibrated, class_probabilities
 from explainers.segment.cam_stage import CAMOutput, CAMStage, pass_size
 from explainers.segment.config import PipelineConfig
-from explainers.segment.crf import dense_crf
+from explainers.segment.crf import crf_by_tag
+from explainers.segment.fusion import fuse_seg
 from explainers.segment.geometry import mask_geometry
 from explainers.segment.head_cam import HeadCAM, merge_cam_outputs
 from explainers.segment.postprocess import clean_masks, label_masks
@@ -64,76 +65,6 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def fuse_seg(unary: np.ndarray, tags: Sequence[str], seg: dict[str, np.ndarray], weight: float | dict[str, float],
-             mode: str = "linear", min_prob: float = 1e-3) -> np.ndarray:
-    """Blend seg-head probabilities into the CAM-derived class probabilities.
-
-    `unary` (K + 1, h, w): background first, then `tags` in order, summing to 1 per pixel. `seg`:
-    tag -> (h, w) foreground probability of the seg head; tags missing from it keep the CAM alone.
-    The seg head's distribution over the classes: the known tags together get
-    M = 1 - prod(1 - p_k), shared in proportion to their p_k; the background and the other tags
-    share 1 - M in the proportions the CAM gave them. It is mixed with the CAM's, ``linear``
-    = (1 - w) cam + w seg or ``log`` = cam^(1-w) seg^w, and renormalised.
-
-    `weight` may be per tag ({tag: w}, the weights chosen per label on validation): each known
-    tag's class mixes at its own w, the background and the other tags at the mean of those (with
-    equal weights this is the single-weight blend exactly).
-    """
-    if mode not in ("linear", "log"):
-        raise ValueError(f"unknown fusion mode {mode!r}; choose 'linear' or 'log'")
-    known = [k + 1 for k, t in enumerate(tags) if t in seg]
-    if not known:
-        return unary
-    w = _channel_weights(weight, tags, known, unary.shape[0])
-    rest = [c for c in range(unary.shape[0]) if c not in known]
-    p = np.stack([np.clip(seg[tags[c - 1]], 0.0, 1.0).astype(np.float32) for c in known])
-    mass = 1.0 - np.prod(1.0 - p, axis=0)
-    head = np.empty_like(unary, dtype=np.float32)
-    head[known] = mass * p / np.maximum(p.sum(axis=0), 1e-8)
-    cam_rest = unary[rest]
-    head[rest] = (1.0 - mass) * cam_rest / np.maximum(cam_rest.sum(axis=0), 1e-8)
-    head = np.maximum(head, min_prob)
-    head /= head.sum(axis=0, keepdims=True)
-    if mode == "linear":
-        out = (1.0 - w) * unary + w * head
-    else:
-        out = np.exp((1.0 - w) * np.log(np.maximum(unary, min_prob)) + w * np.log(head))
-    out = np.maximum(out, min_prob)
-    return (out / out.sum(axis=0, keepdims=True)).astype(np.float32)
-
-
-def _channel_weights(weight: float | dict[str, float], tags: Sequence[str], known: Sequence[int],
-                     channels: int) -> float | np.ndarray:
-    """:func:`fuse_seg`'s weight: a float when all `known` classes share one, else (channels, 1, 1)."""
-    if not isinstance(weight, dict):
-        return float(np.clip(weight, 0.0, 1.0))
-    per = np.clip([float(weight.get(tags[c - 1], 0.0)) for c in known], 0.0, 1.0)
-    if np.all(per == per[0]):
-        return float(per[0])
-    w = np.full((channels, 1, 1), float(per.mean()), np.float32)
-    w[list(known), 0, 0] = per
-    return w
-
-
-def crf_by_tag(image: np.ndarray, unary: np.ndarray, use_crf: Sequence[bool], cfg) -> np.ndarray:
-    """Stage 3 with the dense CRF on for some tags only (`use_crf`: per tag, in the order of the
-    unary's classes after the background). All on: :func:`dense_crf`; all off: the unary as it is;
-    mixed: the tags without the CRF keep their unary probabilities, the background and the other
-    tags share the rest in the CRF's proportions."""
-    if all(use_crf):
-        return dense_crf(image, unary, cfg)
-    if not any(use_crf):
-        return unary
-    probs = dense_crf(image, unary, cfg)
-    off = [k + 1 for k, on in enumerate(use_crf) if not on]
-    on = [c for c in range(unary.shape[0]) if c not in off]
-    out = np.empty_like(probs)
-    out[off] = unary[off]
-    rest = np.clip(1.0 - unary[off].sum(axis=0), 0.0, 1.0)
-    out[on] = rest * probs[on] / np.maximum(probs[on].sum(axis=0), 1e-8)
-    return out
-
-
 class Tag2Mask:
     """Segment a photo's tags with a pretrained classifier's CAMs and a dense CRF.
 
@@ -158,7 +89,7 @@ class Tag2Mask:
         self.set_heads(heads)
 
     def set_heads(self, heads) -> None:
-        """Use a project's trained heads (:class:`explainers.training.ProjectHeads`, or None to stop).
+        """Use a project's trained heads (:class:`explainers.project_heads.ProjectHeads`, or None to stop).
 
         Their seg head's probabilities are fused with the CAM-derived ones (``config.fusion``) for
         the tags it was trained on; other tags keep the CAM alone. Their classifier head gives the

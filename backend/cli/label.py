@@ -1,0 +1,71 @@
+"""``tag2mask label PATH... --tags T --out DIR``: pre-label photos into a Label Studio import folder
+(backend.cli.labeling), optionally with a project's promoted heads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.cli.common import (
+    UsageError,
+    check_heads_args,
+    check_tags,
+    make_engine,
+    use_project_heads,
+)
+
+
+# -- label ----------------------------------------------------------------------------------------
+def cmd_label(args) -> int:
+    from backend.cli.labeling import collect_photos, label_photos, read_tags_csv
+    from explainers.tags import parse_tags
+
+    tags = parse_tags(args.tags or "")
+    tags_map = None
+    if args.tags_csv:
+        try:
+            tags_map = read_tags_csv(args.tags_csv)
+        except FileNotFoundError:
+            raise UsageError(f"--tags-csv: {args.tags_csv}: no such file") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--tags-csv: {exc}") from None
+    if not tags and not tags_map:
+        raise UsageError("give the photos' tags with --tags horse,dog and/or --tags-csv FILE")
+    config = None
+    if args.label_config:
+        config = _read_label_config(args.label_config)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+
+    check_heads_args(args)
+    photos, errors = collect_photos(args.paths, exclude=[out])
+    engine = make_engine(args)
+    version = use_project_heads(args, engine)
+    check_tags(engine, tags)
+    summary = label_photos(photos, engine, out, tags=tags, tags_map=tags_map, errors=errors,
+                           image_root_url=args.image_root_url, label_config=config,
+                           model_version=version, progress=not args.quiet)
+    n = summary.ok + len(summary.errors)
+    line = f"labelled {summary.ok} of {n} photos in {summary.seconds:.1f} s -> {out}/tasks.json"
+    if summary.errors:
+        line += f"; {len(summary.errors)} failed"
+    if summary.tag_errors:
+        k = len(summary.tag_errors)
+        line += f"; {k} tag{'s' if k > 1 else ''} left out (no mask)"
+    if summary.errors or summary.tag_errors:
+        line += f" (see {out}/errors.json)"
+    print(line)
+    if getattr(args, "project", None) is not None:
+        print(f"model version {version}")
+    return summary.exit_status
+
+
+def _read_label_config(path: str):
+    from backend.labelstudio.config import LabelConfigError, parse_label_config
+
+    try:
+        return parse_label_config(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--label-config: {path}: {exc.strerror or exc}") from None
+    except LabelConfigError as exc:
+        raise UsageError(f"--label-config: {path}: {exc}") from None

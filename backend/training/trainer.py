@@ -1,0 +1,260 @@
+"""The training job (queue ``train``): a project's stored examples -> trained heads -> a registry version.
+
+:func:`train_project` holds a per-project Redis lock (renewed while it runs), reads the examples
+(photos through backend.labelstudio.photos), and calls :func:`train_and_register`, the core shared with
+``tag2mask train``: train the heads on the hash split's train part
+(:func:`explainers.training.train_heads`), choose per label how they combine with the CAM and the CRF
+on the validation masks, scored as served (:func:`tune_fusion`), refit them on every example, save a
+version, promote it unless validation regresses (the decision goes into its ``meta.json``), and
+publish the promoted checkpoint to Redis (backend.storage.model_mirror). The backbone is the
+process's (backend.serving.engine): one per process and device, shared with prediction jobs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import fields
+from typing import Sequence
+
+from backend.serving.engine import engine_on, get_backbone
+from backend.settings import Settings
+from backend.storage.connection import current_connection
+from backend.storage.examples import ExampleStore, example_store
+from backend.storage.keys import train_lock_key
+from backend.storage.model_mirror import RedisModelStore
+from backend.storage.registry import ModelRegistry
+from backend.training.options import settings_from_options
+from backend.training.schedule import last_trained_revision
+
+log = logging.getLogger(__name__)
+
+
+LOCK_TTL = 600                 # seconds the project lock outlives a dead trainer (renewed every ttl/3 while it runs)
+
+
+# -- training ----------------------------------------------------------------------------------------
+def samples_from_store(store: ExampleStore, project, settings: Settings, fetcher=None) -> list:
+    """The project's examples as :class:`explainers.training.Sample` (photos fetched lazily)."""
+    from backend.labelstudio.photos import ImageFetcher
+
+    fetcher = fetcher or ImageFetcher(settings)
+    samples = []
+    for ex in store.list(project):
+        def load(ex=ex):
+            return fetcher.load(ex.image, task_id=ex.task_id)
+        samples.append(ex.to_sample(load=load))
+    return samples
+
+
+def _train_config(overrides: dict | None):
+    from explainers.training import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    bad = sorted(set(overrides or {}) - names)
+    if bad:
+        raise ValueError(f"unknown training option(s) {bad}; known: {sorted(names)}")
+    return TrainConfig(**(overrides or {}))
+
+
+def _record_promotion(registry: ModelRegistry, project, version: str, promotion, trigger: str) -> None:
+    """Write the promotion decision into the version's meta.json (atomic replace)."""
+    path = registry.project_dir(project) / version / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["promotion"] = {"promoted": bool(promotion.promoted), "reason": promotion.reason,
+                         "previous": promotion.previous, "regressions": promotion.regressions,
+                         "trigger": trigger}
+    tmp = path.with_name(f".meta.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -> dict | None:
+    """Choose, per label, how the parts of a :class:`~explainers.training.TrainResult` combine in the
+    pipeline of `preset` (seg head weight x CRF on/off; the CAM the engine serves for the tag, the
+    classifier head's for labels ImageNet cannot name) on its validation samples that have masks
+    (:func:`explainers.segment.fusion_tuning.choose_fusion`); set ``result.fusion`` (per label) and
+    ``result.fusion_weight`` (the best over all labels) and return the choice for the version's meta
+    (``validation["fusion"]``), with ``validation["pipeline_fg_iou"]`` = the served pipeline's
+    validation score. Without enough validation masks the weight is
+    :func:`~explainers.segment.fusion_tuning.fallback_weight`'s (box-only heads: 0.25; else None,
+    the engine's default), with ``"rule"`` saying so. None when there is no seg head, or no
+    validation mask and no fallback; ``{"error": ...}`` when the choice failed (logged; the training
+    is kept with the default weight)."""
+    if result.segmenter is None:
+        return None
+    from explainers.segment.fusion_tuning import Combo, choose_fusion, fallback_weight
+
+    val_keys = set(result.val_keys)
+    val = [s for s in samples if str(s.key) in val_keys and s.masks]
+    meta = choice = engine = None
+    if val:
+        from explainers.training import ProjectHeads
+
+        try:
+            engine, lock = engine_on(backbone, preset)     # the process's engine: no second model on the device
+            heads = ProjectHeads(backbone, result.classifier, result.segmenter, result.layers, result.size)
+            with lock:                                     # it sets the heads it scores, then restores them
+                extra, engine.tag_extra = engine.tag_extra, None   # a prediction's config labels are not ours
+                try:
+                    choice = choose_fusion(engine, heads, val)
+                finally:
+                    engine.tag_extra = extra
+        except Exception as exc:   # noqa: BLE001 - the heads are still good; serve them at the default weight
+            log.warning("fusion not chosen (%s: %s); the default stays", type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        result.fusion_weight = choice.weight
+        result.fusion = choice.fusion
+        result.seconds["fusion_tuning"] = choice.seconds
+        meta = choice.to_meta()
+    fallback = fallback_weight(result.counts)
+    if result.fusion_weight is None and fallback is not None:
+        result.fusion_weight = fallback
+        meta = {**(meta or {}), "chosen": fallback, "rule": "seg head trained on boxes only"}
+    if choice is not None and choice.scores:
+        # what will be served on validation: the chosen per-label mix, else the pipeline at the weight
+        # the heads carry (or the preset's) with its CRF; the registry compares this score between
+        # versions before promoting (PROMOTION_METRICS)
+        served_weight = result.fusion_weight if result.fusion_weight is not None else engine.fusion_weight()
+        served = choice.served if choice.served is not None else \
+            choice.score_of(Combo(float(served_weight), bool(engine.config.crf.enabled)))
+        if served is not None:
+            result.validation["pipeline_fg_iou"] = served
+            meta["served_weight"] = float(served_weight)
+            meta["served"] = served
+    return meta
+
+
+def train_and_register(samples: Sequence, project, registry: ModelRegistry, backbone, *, labels=None,
+                       config: dict | None = None, examples_revision: int | None = None, promote: bool = True,
+                       force: bool = False, tolerance: float = 0.0, trigger: str = "manual",
+                       extra_meta: dict | None = None, preset: str = "balanced") -> dict:
+    """Train heads on `samples` (the hash split's train part), choose per label how they combine
+    in the pipeline on the validation masks (:func:`tune_fusion`, the pipeline of `preset`), refit
+    them on every example with that choice (:func:`explainers.training.refit_heads`,
+    ``TrainConfig.refit``), save a registry version, promote it unless validation regresses.
+
+    Returns ``{"project", "version", "promoted", "reason", "previous", "current", "validation",
+    "counts", "seconds", "labels", "fusion_weight", "fusion"}`` (``fusion_weight`` None: the engine's
+    default; ``fusion``: {label: {"weight", "crf"}}; the per-combination scores are in
+    ``validation["fusion"]``; ``counts``: ``train`` / ``val`` (what the scores were validated on),
+    ``refit`` (the examples the saved heads were trained on at last)). A refused promotion is
+    logged (warning) and recorded in the version's ``meta.json`` (``"promotion"``) and in the
+    registry's state log.
+    """
+    from explainers.heads import BackboneFeatures
+    from explainers.training import FeatureCache, refit_heads, train_heads
+
+    cfg = _train_config(config)
+    samples = list(samples)
+    cache = FeatureCache(BackboneFeatures(backbone), cfg.size, cfg.flip, cfg.extract_batch)
+    result = train_heads(backbone, samples, labels=labels, config=cfg, cache=cache)
+    fusion = tune_fusion(result, samples, backbone, preset)
+    if fusion is not None:
+        result.validation["fusion"] = fusion
+    result = refit_heads(backbone, result, samples, cfg, cache)
+    extra = dict(extra_meta or {})
+    extra["trigger"] = trigger
+    if examples_revision is not None:
+        extra["examples_revision"] = int(examples_revision)
+    version = registry.save_result(project, result, **extra)
+    out = {"project": str(project), "version": version, "validation": result.validation,
+           "counts": result.counts, "seconds": result.seconds, "labels": list(result.labels),
+           "fusion_weight": result.fusion_weight, "fusion": dict(result.fusion),
+           "promoted": False, "reason": "not promoted (--no-promote)", "previous": registry.current(project)}
+    if promote:
+        p = registry.promote(project, version, force=force, tolerance=tolerance)
+        _record_promotion(registry, project, version, p, trigger)
+        out.update(promoted=p.promoted, reason=p.reason, previous=p.previous, regressions=p.regressions)
+        if p.promoted:
+            log.info("project %s: %s promoted (%s)", project, version, p.reason)
+        else:
+            log.warning("project %s: %s NOT promoted: %s", project, version, p.reason)
+    out["current"] = registry.current(project)
+    return out
+
+
+class _RenewingLock:
+    """A Redis lock held while a training runs, its TTL renewed in a thread (dies with the worker)."""
+
+    def __init__(self, conn, key: str, ttl: int = LOCK_TTL):
+        self.lock = conn.lock(key, timeout=ttl, blocking=False, thread_local=False)
+        self.ttl = ttl
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.lock.acquire(blocking=False):
+            return False
+        self._thread = threading.Thread(target=self._renew, name="train-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(max(1.0, self.ttl / 3)):
+            try:
+                self.lock.extend(self.ttl, replace_ttl=True)
+            except Exception as exc:   # noqa: BLE001 - Redis blip: next round tries again
+                log.warning("could not renew the training lock: %s", exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            self.lock.release()
+        except Exception:   # noqa: BLE001 - expired or Redis gone
+            pass
+
+
+def train_project(project, options: dict | None = None, connection=None) -> dict:
+    """The training job: train `project`'s heads on its stored examples and register the result.
+
+    `options` (JSON-able): ``model_dir``, ``local_roots``, ``backbone``, ``label_studio_url``
+    (override the environment's settings), ``config`` (TrainConfig fields), ``force`` (promote even
+    if validation regresses), ``trigger``, ``min_examples`` (default 2). `connection` defaults to the
+    current RQ job's. Returns the :func:`train_and_register` report plus ``status`` "trained", or
+    ``{"status": "skipped", "reason"}`` (another training of the project holds the lock, too few
+    examples, nothing changed since the newest model).
+    """
+    from rq import get_current_job
+
+    options = dict(options or {})
+    settings = settings_from_options(options)
+    job = get_current_job()
+    conn = connection if connection is not None else current_connection()
+    lock = _RenewingLock(conn, train_lock_key(project))
+    if not lock.acquire():
+        log.info("project %s: another training holds the lock; skipped", project)
+        return {"status": "skipped", "project": str(project), "reason": "another training of this project is running"}
+    try:
+        store = example_store(settings)
+        registry = ModelRegistry.in_model_dir(settings.model_dir)
+        rev = store.revision(project)
+        if options.get("trigger") != "manual" and registry.versions(project) and \
+                last_trained_revision(registry, project) >= rev:
+            return {"status": "skipped", "project": str(project), "revision": rev,
+                    "reason": "no example changed since the newest model"}
+        samples = samples_from_store(store, project, settings)
+        min_examples = int(options.get("min_examples", 2))
+        if len(samples) < min_examples:
+            return {"status": "skipped", "project": str(project), "revision": rev,
+                    "reason": f"{len(samples)} example(s); at least {min_examples} are needed"}
+        backbone = get_backbone(settings.backbone, settings=settings)
+        t = time.perf_counter()
+        report = train_and_register(samples, project, registry, backbone, config=options.get("config"),
+                                    examples_revision=rev, force=bool(options.get("force")),
+                                    trigger=str(options.get("trigger") or "auto"),
+                                    extra_meta={"device": str(backbone.device), "preset": settings.preset},
+                                    preset=settings.preset)
+        report.update(status="trained", revision=rev, wall_seconds=round(time.perf_counter() - t, 2))
+        try:
+            report["published"] = RedisModelStore(conn).publish(registry, project)
+        except Exception as exc:   # noqa: BLE001 - the scheduler's sync publishes it later
+            log.warning("project %s: could not publish the model to Redis: %s", project, exc)
+        if job is not None:
+            job.meta.update({"version": report["version"], "promoted": report["promoted"]})
+            job.save_meta()
+        return report
+    finally:
+        lock.release()
