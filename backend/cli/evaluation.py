@@ -1,4 +1,5 @@
-"""``tag2mask eval``: segment photos with their tags and score the masks against ground truth.
+"""Scoring for ``tag2mask eval`` (the command is backend.cli.eval): segment photos with their tags and
+score the masks against ground truth.
 
 Two kinds of ground truth, photos matched to masks by stem (``images/horse301.jpg`` <-> ``masks/horse301.png``):
 

@@ -1,18 +1,10 @@
-"""Label Studio annotations -> training examples, and an on-disk store of them keyed by annotation id.
+"""Label Studio annotations -> training examples (:class:`Example`; the store that keeps them is
+backend.storage.examples).
 
 Public API::
 
     ex = example_from_annotation(annotation, task, config=None, project=None)   # -> Example | None
-    store = ExampleStore(Path(MODEL_DIR) / "examples.sqlite3")
-    store.upsert(ex) -> bool            # True when stored content changed (created or updated)
-    store.delete(annotation_id) -> bool # True when something was removed
-    store.apply_event(action, payload, config=None) -> dict   # a webhook body -> {"status", "changed", ...}
-    store.get(annotation_id) -> Example | None
-    store.list(project) -> list[Example]
-    store.count(project) -> int
-    store.projects() -> list[str]
-    store.revision(project) -> int      # grows by one per change (upsert that changed / delete)
-    store.changes_since(project, revision) -> int   # changes after a revision (e.g. the last model's)
+    annotation_regions(result, config=None, ...)   # the per-label masks and boxes of a result list
     ex.to_sample(load=None) -> explainers.training.Sample
 
 What an annotation gives (only result items on the Image named by ``config.image_name`` when a
@@ -31,13 +23,7 @@ project ids unsafe in paths/keys (:func:`backend.untrusted.project_id`), a photo
 cap (``TAG2MASK_MAX_PIXELS``, also for brush/polygon canvases), an RLE whose header does not encode
 the photo size, more than MAX_RLE_VALUES RLE values, MAX_POLYGON_POINTS points in a polygon,
 coordinates beyond ±MAX_PERCENT percent, or regions covering more than MAX_REGION_PIXELS pixels.
-
-A cancelled (skipped) annotation is no example: :meth:`ExampleStore.apply_event` deletes any stored
-one. An update older than the stored one (``updated_at``) is ignored, so out-of-order webhooks cannot
-bring back stale content. Writes are idempotent: the same annotation content twice is one change.
-
-The store is a single sqlite3 file (stdlib; safe across processes on one host with WAL + a busy
-timeout). Masks are stored PNG-encoded. A later step can put the same interface in front of Redis.
+A cancelled (skipped) annotation is no example.
 """
 
 from __future__ import annotations

@@ -24,12 +24,9 @@ URL kinds (what Label Studio puts in ``task["data"]["image"]``):
 - a plain absolute path or ``file://`` URL: only inside TAG2MASK_LOCAL_ROOTS.
 
 What is checked is what is connected to: every http(s) URL (the task's, Label Studio's, each redirect
-``Location``) is parsed once with urllib3's parser, the one requests connects with, and the request
-is built from that parse (and re-checked after requests prepared it). URLs the parsers could read
-differently are refused before any connection: backslashes, control characters or white space,
-``user:pass@``, non-ASCII, percent-encoded or trailing-dot hosts, IPv4 hosts not written as
-``a.b.c.d``, an empty host, port 0 or over 65535, more than 65,536 characters, schemes other than
-http/https. The token is sent only when the
+``Location``) is parsed once (backend.labelstudio.urls: urllib3's parser, the one requests connects
+with, and the refusals before any connection), the request is built from that parse and re-checked
+after requests prepared it. The token is sent only when the
 connection's scheme, host and port (default ports by scheme) are Label Studio's (``localhost``
 matches ``127.0.0.1`` and ``[::1]``; those two do not match each other). No cookies are kept.
 

@@ -1,4 +1,4 @@
-"""RQ queues by priority, idempotent job ids and the Redis result cache.
+"""RQ queues by priority, idempotent job ids, enqueuing predictions, and progress.
 
 Three queues, highest priority first: ``interactive`` (one task, an annotator waits), ``batch``
 (pre-labeling many tasks) and ``train``. A worker listening on several queues always empties the
@@ -9,10 +9,8 @@ Redis: ``tag2mask:interactive`` etc.
 Job ids are derived from what the job computes (project, task id, image content hash, tags, model
 version), so enqueuing the same work twice yields one job (:func:`enqueue_unique`). Every job gets
 an RQ ``Retry`` so a job abandoned by a dead worker is requeued by RQ's StartedJobRegistry cleanup
-(see backend/worker.py for the short execution heartbeat that makes the death visible quickly).
-
-:class:`ResultCache` stores finished predictions by (task, image content, tags, model version) with
-a TTL, so a repeated ``/predict`` is answered without running the engine.
+(see backend/queue/worker.py for the short execution heartbeat that makes the death visible quickly).
+Finished predictions are cached by backend.storage.result_cache.
 """
 
 from __future__ import annotations

@@ -1,6 +1,19 @@
 """The example store: training examples (backend.labelstudio.annotations.Example) in sqlite in
 ``MODEL_DIR``, keyed by annotation id, with a per-project revision that counts changes
 (:class:`ExampleStore`; :func:`example_store` is the process's one per folder).
+
+    store = ExampleStore(Path(MODEL_DIR) / "examples.sqlite3")
+    store.upsert(ex) -> bool            # True when stored content changed (created or updated)
+    store.delete(annotation_id) -> bool # True when something was removed
+    store.apply_event(action, payload, config=None) -> dict   # a webhook body -> {"status", "changed", ...}
+    store.get(annotation_id) / .list(project) / .count(project) / .projects()
+    store.revision(project) -> int      # grows by one per change (upsert that changed / delete)
+    store.changes_since(project, revision) -> int   # changes after a revision (e.g. the last model's)
+
+A cancelled (skipped) annotation deletes any stored example. An update older than the stored one
+(``updated_at``) is ignored, so out-of-order webhooks cannot bring back stale content. Writes are
+idempotent: the same annotation content twice is one change. One sqlite3 file (stdlib; safe across
+processes on one host with WAL + a busy timeout); masks are stored PNG-encoded.
 """
 from __future__ import annotations
 

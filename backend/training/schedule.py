@@ -1,46 +1,23 @@
-"""Background retraining of a project's heads from the corrections collected by the webhook.
+"""When to retrain: the periodic check of every project, its leader loop, and enqueuing a training.
 
-The pieces of issue 5 that connect the foundation (``backend.labelstudio.annotations``, ``explainers.training``,
-``backend.storage.registry``) to the job queue (``backend.queue.queues``):
-
-* :func:`handle_training_event` -- the webhook side. ``ANNOTATION_CREATED/UPDATED``,
-  ``ANNOTATIONS_CREATED`` (import) and ``ANNOTATIONS_DELETED`` (Label Studio's deletion event;
-  ``ANNOTATION_DELETED`` too) store, replace or remove examples (``ExampleStore.apply_event`` with the project's parsed labeling
-  config); ``START_TRAINING`` enqueues :func:`train_project` at once. Redis being down never loses
-  an example: the reply carries a note and the periodic check enqueues the training later.
-* :func:`check_projects` -- the periodic tick. For every project in the store, a training job is
+* :func:`check_projects` -- one tick. For every project in the example store, a training job is
   enqueued when at least ``TRAIN_MIN_NEW`` examples changed since the revision the newest model was
   trained on. Job ids are ``train-<namespace>-<project>-r<revision>``, so a tick never enqueues two
   jobs for the same project and revision, and a project whose training is still queued or running
   gets no second job (coalesced: the next tick after it ends trains on everything changed meanwhile).
+* :func:`enqueue_training` -- the one way a training is queued (the tick, and Start training through
+  the webhook: ``trigger="manual"`` re-runs a finished revision). The job is
+  ``backend.jobs.train_project`` (backend.training.trainer).
 * :func:`run_training_scheduler` -- the loop that ticks every ``TRAIN_INTERVAL`` seconds (one active
-  loop per Redis: a leader key with a TTL); ``python -m backend.cli.scheduler`` runs it alone, and
-  ``tag2mask worker --scheduler`` starts it in a thread next to ``backend.queue.worker.run_scheduler``.
+  loop per Redis namespace: a leader key with a TTL) and mirrors each project's promoted model into
+  Redis every 20 s (backend.storage.model_mirror); ``python -m backend.cli.scheduler`` runs it alone,
+  ``tag2mask worker --scheduler`` in a thread next to ``backend.queue.worker.run_scheduler``.
   :func:`register_cron` does the same with RQ 3's ``CronScheduler`` (``rq cron``) by enqueuing
   :func:`training_tick` on the ``train`` queue. It must run on the host that holds ``MODEL_DIR``.
-* :func:`train_project` -- the job (queue ``train``). One training per project at a time (a Redis
-  lock with a TTL; a second job finding it held returns ``{"status": "skipped"}``). Examples ->
-  :class:`explainers.training.Sample` (photos through :class:`backend.labelstudio.photos.ImageFetcher`) ->
-  :func:`explainers.training.train_heads` on the process's backbone (CUDA when present unless
-  ``TAG2MASK_DEVICE`` says otherwise) -> how the heads combine with the CAM and the CRF, chosen per
-  label on the validation masks (:func:`tune_fusion`, ``TAG2MASK_PRESET``'s pipeline) -> the heads
-  refit on every example (:func:`explainers.training.refit_heads`) -> ``ModelRegistry.save_result(..., examples_revision=rev)``
-  -> ``promote`` (refused when validation regresses; the decision is written into the version's
-  ``meta.json`` under ``"promotion"`` and logged).
-* :func:`train_and_register` -- the shared core (also used by ``tag2mask train``).
-* Serving: :func:`load_project_heads`, :func:`current_model_version` and :class:`ProjectHeadsCache`
-  (re-reads the promoted version at most every ``ttl`` seconds, so a worker switches to a newly
-  promoted model within a minute without restarting). :class:`RedisModelStore` mirrors each
-  project's promoted checkpoint into Redis (published by the training job, synced by the scheduler
-  loop every 20 s), so workers on hosts that share only Redis load it the same way.
 
 Where things run: the example store (sqlite) and the registry live in ``MODEL_DIR``, so the web
 server, the scheduler loop and the workers of the ``train`` queue must share it (one host, or a
-shared volume); prediction workers elsewhere need only Redis. A training worker reads the photos
-like the web server does: ``LABEL_STUDIO_URL`` + ``LABEL_STUDIO_API_KEY`` or ``TAG2MASK_LOCAL_ROOTS``.
-
-The backbone and the training code are imported only when a job runs: :func:`handle_training_event`
-in the web process never loads a model.
+shared volume); prediction workers elsewhere need only Redis. Nothing here loads a model.
 """
 
 from __future__ import annotations
