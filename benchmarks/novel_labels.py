@@ -265,13 +265,14 @@ def run_label(task: Task, sizes: list[int], backbone, engine, negatives: float, 
             row["note"] = f"all {used} training photos with the label (fewer than {n})"
         k_neg = max(5, int(round(negatives * used)))
         row["negatives"] = k_neg
-        results, secs, fusion, counts = [], [], [], []
+        results, secs, fusion, counts, stages = [], [], [], [], []
         for f, ((_, test), order) in enumerate(zip(task.folds, orders)):
             with tempfile.TemporaryDirectory(prefix="novel-") as tmp:
                 project = f"bench-{task.label}-{f}"
                 report = train_project(backbone, task.label, order[:used], neg_order[:k_neg], Path(tmp), project,
                                        preset)
                 secs.append(report["wall_seconds"])
+                stages.append(report.get("seconds") or {})
                 fusion.append(report.get("fusion_weight"))
                 counts.append(f"{report['counts']['train']}/{report['counts']['val']}")
                 heads = load_offline_heads(tmp, project, backbone)
@@ -279,10 +280,22 @@ def run_label(task: Task, sizes: list[int], backbone, engine, negatives: float, 
                 results.append(score(engine, task.label, test, heads.heads))
                 engine.set_heads(None)
         row.update(_pool(task, results, "served"), head=_pool(task, results, "head")["head"],
-                   train_seconds=float(np.mean(secs)), fusion=fusion, split=counts)
+                   train_seconds=float(np.mean(secs)), fusion=fusion, split=counts,
+                   stage_seconds={k: round(float(np.mean([st.get(k, 0.0) for st in stages])), 1)
+                                  for k in STAGES if any(k in st for st in stages)})
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
+
+
+# where a training's time goes (TrainResult.seconds): features, the two heads, validation, the fusion
+# choice on the validation photos, the refit on every example
+STAGES = ("features", "box_masks", "classifier", "segmenter", "validation", "fusion_tuning", "refit")
+
+
+def _stages(r: dict) -> str:
+    st = r.get("stage_seconds") or {}
+    return " / ".join(f"{k} {v:.0f}" for k, v in st.items()) or "-"
 
 
 def _pool(task: Task, results: list[dict], key: str) -> dict:
@@ -298,15 +311,15 @@ def _num(v) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| label | source | N | neg | served fg IoU | seg head alone | train s | fusion | train/val "
-             "| test photos | ceiling @ head grid | parts/photo | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| test photos | ceiling @ head grid | parts/photo | train s by stage | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fusion = ", ".join("default" if w is None else f"{w:g}" for w in r.get("fusion") or []) or "-"
         secs = r.get("train_seconds")
         lines.append(f"| {r['label']} | {r['source']} | {r['n']} | {r.get('negatives', '-')} | {_num(r.get('served'))} "
                      f"| {_num(r.get('head'))} | {'-' if secs is None else f'{secs:.1f}'} | {fusion} "
                      f"| {', '.join(r.get('split') or []) or '-'} | {r['test']} | {_num(r['ceiling'])} "
-                     f"| {r['parts']:.1f} | {r.get('note', '')} |")
+                     f"| {r['parts']:.1f} | {_stages(r)} | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
