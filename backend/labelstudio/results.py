@@ -39,6 +39,8 @@ reply, the job's results or the backend's log, not the stored prediction.
 
 from __future__ import annotations
 
+import functools
+
 import uuid
 from typing import Iterable, Mapping
 
@@ -61,10 +63,25 @@ def new_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
+@functools.lru_cache(maxsize=1)
+def _brush():
+    """label-studio-sdk's brush RLE module (``label_studio_sdk/converter/brush.py``: numpy and PIL only),
+    loaded by itself: importing it through its package runs ``label_studio_sdk.converter``'s
+    ``__init__``, which imports every converter and nltk (1.4 s of each command's start-up)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("label_studio_sdk")
+    path = Path(next(iter(spec.submodule_search_locations))) / "converter" / "brush.py"
+    module_spec = importlib.util.spec_from_file_location("_tag2mask_ls_brush", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """(H, W) mask (bool, 0/1 or 0/255) -> Label Studio brush RLE (the mask as 0/255 RGBA)."""
-    from label_studio_sdk.converter.brush import mask2rle
-
+    mask2rle = _brush().mask2rle
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
@@ -74,8 +91,7 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 
 def decode_rle(rle: Iterable[int], height: int, width: int) -> np.ndarray:
     """Label Studio brush RLE -> bool (height, width) mask (alpha channel > 127)."""
-    from label_studio_sdk.converter.brush import decode_rle as _decode
-
+    _decode = _brush().decode_rle
     flat = _decode(list(rle))
     if flat.size != height * width * 4:
         raise ValueError(f"RLE holds {flat.size} values, expected {height}x{width}x4 = {height * width * 4}")
