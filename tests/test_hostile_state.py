@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from backend.serving.model import MAX_ECHOED_TAG_CHARS, Tag2MaskModel
+from backend.serving.model import Tag2MaskModel
+from backend.serving.project_model import MAX_ECHOED_TAG_CHARS
 from backend.storage.event_log import MAX_EVENT_PART_CHARS
 from backend.serving.engine import get_engine
 from backend.web.app import MAX_PROJECTS, create_app

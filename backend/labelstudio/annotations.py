@@ -46,6 +46,10 @@ __all__ = ["Example", "example_from_annotation", "annotation_regions", "CREATED"
 
 CREATED, UPDATED, DELETED = "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"
 EXAMPLE_EVENTS = frozenset({CREATED, UPDATED, DELETED, "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"})
+# the webhook actions that feed training (the example events, and Start training). Label Studio sends
+# ANNOTATIONS_DELETED ({"annotations": [{"id"}]}) and, on import, ANNOTATIONS_CREATED ({"annotation":
+# [...], "task": [...]}); ANNOTATION_DELETED is kept for older senders
+TRAINING_EVENTS = EXAMPLE_EVENTS | frozenset({"START_TRAINING"})
 
 REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
 

@@ -9,12 +9,10 @@ Public API::
                                            # project has promoted trained heads; what /setup returns
     model.predict(tasks, context=None, cache=None, **kw) -> list[dict]   # one prediction per task, in order
     model.fit(event, data, **kw) -> dict                     # records training events (events.jsonl, bounded)
-    get_engine(settings) -> (Tag2Mask, threading.Lock)       # one engine per process, loaded once
-    base_model_version(settings) -> str    # tag2mask-<release>-<backbone>-<preset>-<config hash> (or override)
-    get_heads_cache(settings) -> ProjectHeadsCache            # one per process: promoted heads per project
-    choose_tags(task, config) -> list[str] | None            # the human Choices of the latest annotation
-    task_photo(task, config) -> (task id, photo reference)   # ValueError (a sentence) for a malformed task
-    task_failure_reason(exc) -> str        # a failed task's "error" (web process and queue workers alike)
+
+The engine is backend.serving.engine's, versions backend.serving.versions', heads
+backend.serving.heads', a task's photo and human tags backend.labelstudio.tasks', a failed task's
+sentence backend.serving.failures'.
 
 :class:`Tag2MaskModel` is a :class:`backend.serving.project_model.ProjectModel` (how each photo's tags
 are chosen, the project's trained heads, one engine call for several photos: see that module) that
@@ -41,23 +39,18 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from backend.labelstudio.annotations import TRAINING_EVENTS
 from backend.labelstudio.photos import ImageFetcher
-from backend.labelstudio.tasks import choose_tags, job_task, task_photo
+from backend.labelstudio.tasks import job_task
 from backend.queue.retry import TransientError
-from backend.serving.engine import get_engine
-from backend.serving.failures import is_input_error, task_failure_reason
-from backend.serving.heads import get_heads_cache
+from backend.serving.failures import is_input_error
 from backend.serving.predict import predict_chunk, task_error
-from backend.serving.project_model import MAX_ECHOED_TAG_CHARS, ProjectModel
-from backend.serving.versions import base_model_version
+from backend.serving.project_model import ProjectModel
 from backend.settings import Settings
 from backend.storage.event_log import EventLog, event_record
-from backend.training.webhook import TRAINING_EVENTS
 from backend.untrusted import clip
 
-__all__ = ["Tag2MaskModel", "get_engine", "choose_tags", "task_photo", "TRAINING_EVENTS", "EventLog",
-           "base_model_version", "get_heads_cache", "task_failure_reason", "is_input_error",
-           "MAX_ECHOED_TAG_CHARS"]
+__all__ = ["Tag2MaskModel"]
 
 log = logging.getLogger(__name__)
 

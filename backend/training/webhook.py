@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from backend.labelstudio.annotations import DELETED, EXAMPLE_EVENTS
+from backend.labelstudio.annotations import DELETED, EXAMPLE_EVENTS, TRAINING_EVENTS  # noqa: F401  (re-exported)
 from backend.labelstudio.config import LabelConfigError, parse_label_config_cached
 from backend.settings import Settings
 from backend.storage.connection import current_connection
@@ -22,10 +22,6 @@ from backend.untrusted import project_id
 log = logging.getLogger(__name__)
 
 
-# Label Studio sends ANNOTATIONS_DELETED ({"annotations": [{"id"}]}) and, on import, ANNOTATIONS_CREATED
-# ({"annotation": [...], "task": [...]}); ANNOTATION_DELETED is kept for older senders
-TRAINING_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_CREATED",
-                             "ANNOTATIONS_DELETED", "START_TRAINING"})
 
 
 START_TRAINING = "START_TRAINING"

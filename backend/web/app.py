@@ -77,6 +77,7 @@ from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from backend.labelstudio.annotations import TRAINING_EVENTS
 from backend.labelstudio.config import (
     DEFAULT_LABEL_CONFIG,
     LabelConfigError,
@@ -86,7 +87,6 @@ from backend.serving.engine import engine_loaded, get_engine
 from backend.serving.model import Tag2MaskModel
 from backend.settings import Settings
 from backend.storage.connection import RedisUnavailable
-from backend.training.webhook import TRAINING_EVENTS
 from backend.untrusted import BadInput, clip, json_type, parse_json_body, project_id
 from backend.web.metrics import Metrics
 
