@@ -192,7 +192,7 @@ def parts(gt: np.ndarray) -> int:
 
 
 def train_project(backbone, label: str, positives: list[Photo], negatives: list[Photo], model_dir: Path,
-                  project: str, preset: str) -> dict:
+                  project: str, preset: str, config: dict | None = None) -> dict:
     """``tag2mask train``'s training on these photos (loaded beforehand: the time is the training's)."""
     from backend.storage.registry import ModelRegistry
     from backend.training.trainer import train_and_register
@@ -202,7 +202,7 @@ def train_project(backbone, label: str, positives: list[Photo], negatives: list[
     samples += [Sample(f"n-{p.key}", [], image=p.load()) for p in negatives]
     t = time.perf_counter()
     report = train_and_register(samples, project, ModelRegistry.in_model_dir(model_dir), backbone, labels=[label],
-                                trigger="benchmark", preset=preset)
+                                trigger="benchmark", preset=preset, config=config)
     report["wall_seconds"] = time.perf_counter() - t
     return report
 
@@ -226,7 +226,7 @@ def score(engine, label: str, test: list[Photo], heads=None) -> dict:
 
 
 def run_label(task: Task, sizes: list[int], backbone, engine, negatives: float, seed: int, preset: str,
-              grid: tuple[int, int]) -> list[dict]:
+              grid: tuple[int, int], config: dict | None = None) -> list[dict]:
     from backend.serving.offline import load_offline_heads
     from explainers.metrics import SegmentationScore
 
@@ -270,7 +270,7 @@ def run_label(task: Task, sizes: list[int], backbone, engine, negatives: float, 
             with tempfile.TemporaryDirectory(prefix="novel-") as tmp:
                 project = f"bench-{task.label}-{f}"
                 report = train_project(backbone, task.label, order[:used], neg_order[:k_neg], Path(tmp), project,
-                                       preset)
+                                       preset, config)
                 secs.append(report["wall_seconds"])
                 stages.append(report.get("seconds") or {})
                 fusion.append(report.get("fusion_weight"))
@@ -336,6 +336,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--train-config", metavar="JSON", default=None,
+                    help='TrainConfig fields for every training, e.g. \'{"size": 320}\'')
     args = ap.parse_args(argv)
 
     import torch
@@ -350,15 +352,18 @@ def main(argv=None) -> None:
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     backbone = load_backbone(args.backbone, args.device)
     engine = Tag2Mask(backbone, PipelineConfig.preset(args.preset))
-    grid = resolution_grid(backbone, TrainConfig().size)
+    train_config = json.loads(args.train_config) if args.train_config else None
+    size = TrainConfig(**(train_config or {})).size
+    grid = resolution_grid(backbone, size)
     rows = []
     t0 = time.perf_counter()
     for label in labels:
         rows += run_label(make_task(label, args.limit, args.folds), sizes, backbone, engine, args.negatives,
-                          args.seed, args.preset, grid)
+                          args.seed, args.preset, grid, train_config)
     print(f"\nLabels ImageNet lacks (and horse), served path, backbone {args.backbone}, preset {args.preset}, "
           f"{args.device}, {threads} thread(s) (torch {torch.get_num_threads()}); seg head grid {grid[0]}x{grid[1]} "
-          f"at {TrainConfig().size}px; {time.perf_counter() - t0:.0f} s in all\n")
+          f"at {size}px{'; training ' + json.dumps(train_config) if train_config else ''}; "
+          f"{time.perf_counter() - t0:.0f} s in all\n")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
