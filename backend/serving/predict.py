@@ -140,10 +140,9 @@ def _predict_explicit(outcomes: list["TaskOutcome"], label_config: str, model_ve
                       engine_options: Mapping[str, Any] | None) -> list[dict | Exception]:
     """Explicit-tag tasks: one ``engine.predict_many`` call on the process's engine, under its inference
     lock, without project heads; the labeling config's ``predicted_values`` map tags to classes."""
+    from backend.labelstudio.config import parse_label_config_cached
     from backend.labelstudio.results import make_prediction
     from backend.serving.engine import get_engine
-
-    from backend.labelstudio.config import parse_label_config_cached
 
     config = parse_label_config_cached(label_config)
     extra = {label: names for label, names in config.tag_queries().items() if names}

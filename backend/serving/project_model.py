@@ -47,11 +47,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config
+from backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config_cached
 from backend.labelstudio.results import make_prediction
 from backend.serving.engine import get_engine
 from backend.serving.heads import get_heads_cache
-from backend.serving.versions import base_model_version
+from backend.serving.versions import base_model_version, current_model_version, project_model_version
 from backend.settings import Settings
 from backend.untrusted import clip
 
@@ -90,8 +90,6 @@ class ProjectModel:
             return self.fixed_version
         if self.project_id is None:
             return base_model_version(self.settings)
-        from backend.serving.versions import current_model_version
-
         return current_model_version(self.project_id, self.settings)
 
     def _heads(self, version: str | None = None) -> tuple[str, Any]:
@@ -101,8 +99,6 @@ class ProjectModel:
         want_version = version or self.fixed_version
         if self.project_id is None:
             return want_version or self.model_version, None
-        from backend.serving.versions import project_model_version
-
         cache = get_heads_cache(self.settings)
         current, heads = cache.get(self.project_id)
         if want_version:
@@ -121,7 +117,7 @@ class ProjectModel:
     def setup(self) -> None:
         """Parse the labeling config (when one is given); raises LabelConfigError if it is unusable."""
         if self.label_config:
-            self.parsed = parse_label_config(self.label_config)
+            self.parsed = parse_label_config_cached(self.label_config)
 
     def use_label_config(self, label_config: str | None) -> LabelConfig:
         """The parsed labeling config: `label_config` when given (it replaces the model's), else the
@@ -132,7 +128,7 @@ class ProjectModel:
         if self.parsed is None:
             if not self.label_config:
                 raise LabelConfigError("no labeling config: call /setup first or send label_config")
-            self.parsed = parse_label_config(self.label_config)
+            self.parsed = parse_label_config_cached(self.label_config)
         return self.parsed
 
     def _usable_labels(self, engine, config: LabelConfig, extra: dict) -> list[str]:

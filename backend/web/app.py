@@ -37,8 +37,9 @@ each prediction to Label Studio). TASKS_CREATED webhooks enqueue pre-labeling of
 (TAG2MASK_PRELABEL_ON_CREATE). Redis down: 503 ``{"error": "the job queue is unavailable: ..."}``;
 /health reports ``"queue": {...}`` without blocking. TAG2MASK_QUEUE=off: inference in this process
 (:meth:`backend.serving.model.Tag2MaskModel.predict`), through the predict function the workers run
-(backend.serving.predict.predict_chunk): the same photo fetch (network trouble retried), the same
-per-task errors, and the result cache when REDIS_URL is set (none without it, and no connection).
+(backend.serving.predict.predict_chunk): the same photo fetch (not retried here: Label Studio's 100 s;
+workers retry), the same per-task errors, and the result cache when REDIS_URL is set (none without it,
+and no connection; a Redis that does not answer is skipped).
 
 Untrusted input: a body must be a JSON object (any Content-Type) of at most
 TAG2MASK_MAX_REQUEST_BYTES (64 MiB; chunked bodies too; larger -> 413), nesting at most 64 levels,
@@ -114,12 +115,13 @@ class _StrictJSON(DefaultJSONProvider):
 
 def prepare_routes() -> None:
     """Import (and run once) what /setup and /versions would otherwise import on their first call: the
-    labeling-config parser (Label Studio's SDK, ~0.3 s) and backend.training.schedule (a project's version,
-    read from the registry). All torch-free. ``create_app`` calls it before the model's warm-up thread
+    labeling-config parser (Label Studio's SDK, ~0.3 s) and /webhook's handler (backend.training.webhook:
+    the example store, the training queue; a project's version, read from the registry, comes with the
+    model module). All torch-free. ``create_app`` calls it before the model's warm-up thread
     starts and ``backend.serve`` in the gunicorn master before it listens, so no request waits on an
     import: one racing the warm-up's torch import for the GIL took 1.5 s, against Label Studio's 3 s
     budget for /setup (1 s for /health)."""
-    import backend.training.schedule  # noqa: F401  (Tag2MaskModel.model_version of a project)
+    import backend.training.webhook  # noqa: F401  (/webhook: the example store, the training queue)
 
     parse_label_config(DEFAULT_LABEL_CONFIG)
 
