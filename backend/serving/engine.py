@@ -107,7 +107,7 @@ def engine_loaded(settings: Settings | None = None) -> bool:
         return False
     try:
         dev = device_of(settings.device)
-    except Exception:   # noqa: BLE001 - torch not importable yet: nothing can be loaded
+    except Exception:   # noqa: BLE001 - a device string torch cannot read: no engine runs on it
         return False
     entry = _ENGINES.get(dev)
     return entry is not None and entry[0] == (settings.backbone, settings.preset)
