@@ -10,6 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh || { echo "test: setup failed" >&2; exit 1; }
+# Chromium + ChromeDriver (Debian packages) for the browser check of a Label Studio task page
+bash scripts/browser_deps.sh || { echo "test: browser dependencies missing (see above)" >&2; exit 1; }
 
 export TAG2MASK_THREADS="${TAG2MASK_THREADS:-2}"
 echo "test: pytest (TAG2MASK_THREADS=$TAG2MASK_THREADS) $*"
