@@ -1,5 +1,6 @@
-"""``tag2mask label PATH... --tags T --out DIR``: pre-label photos into a Label Studio import folder
-(backend.cli.labeling), optionally with a project's promoted heads.
+"""``tag2mask label PATH... --tags T --out DIR [--format coco,yolo-seg,png]``: pre-label photos into a Label
+Studio import folder (backend.cli.labeling), optionally with a project's promoted heads, and into training
+datasets (backend.datasets) from the same results.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from backend.cli.common import (
     make_engine,
     use_project_heads,
 )
+from backend.cli.export import dataset_formats, open_export
 
 
 # -- label ----------------------------------------------------------------------------------------
 def cmd_label(args) -> int:
-    from backend.cli.labeling import collect_photos, label_photos, read_tags_csv
+    from backend.cli.labeling import collect_photos, label_photos, read_tags_csv, tags_for
     from explainers.tags import parse_tags
 
     tags = parse_tags(args.tags or "")
@@ -37,14 +39,18 @@ def cmd_label(args) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
 
+    formats = dataset_formats(args)
     check_heads_args(args)
     photos, errors = collect_photos(args.paths, exclude=[out])
     engine = make_engine(args)
     version = use_project_heads(args, engine)
     check_tags(engine, tags)
+    # the datasets' categories: the batch's tags that can be segmented, in order (stable class ids)
+    batch_tags = dict.fromkeys(t for p in photos for t in tags_for(p, tags, tags_map))
+    export = open_export(args, out, formats, [t for t in batch_tags if engine.unusable_reason(t) is None])
     summary = label_photos(photos, engine, out, tags=tags, tags_map=tags_map, errors=errors,
                            image_root_url=args.image_root_url, label_config=config,
-                           model_version=version, progress=not args.quiet)
+                           model_version=version, progress=not args.quiet, writers=[export] if export else [])
     n = summary.ok + len(summary.errors)
     line = f"labelled {summary.ok} of {n} photos in {summary.seconds:.1f} s -> {out}/tasks.json"
     if summary.errors:
@@ -55,6 +61,8 @@ def cmd_label(args) -> int:
     if summary.errors or summary.tag_errors:
         line += f" (see {out}/errors.json)"
     print(line)
+    for note in export.lines if export else []:
+        print(note)
     if getattr(args, "project", None) is not None:
         print(f"model version {version}")
     return summary.exit_status

@@ -257,12 +257,15 @@ def write_json(path: Path, obj) -> None:
 def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike, tags: Sequence[str] = (),
                  tags_map: Mapping[str, list[str]] | None = None, errors: Sequence[PhotoError] = (),
                  image_root_url: str | None = None, label_config=None, model_version: str | None = None,
-                 progress: bool = True, report: Callable[[str], None] | None = None) -> LabelSummary:
+                 progress: bool = True, report: Callable[[str], None] | None = None,
+                 writers: Sequence = ()) -> LabelSummary:
     """Label `photos` with `engine` (an ``explainers.segment.Tag2Mask``) into `out_dir`.
 
     `errors` are failures found before (missing paths); they are reported and recorded too.
     `label_config` (a LabelConfig) defaults to :func:`label_config_for` the batch's tags.
     `report(line)` receives each error line (default: printed to stderr above the progress bar).
+    `writers` (e.g. a backend.datasets.formats.DatasetExport) get ``add_photo(path, name, result)``
+    for each labelled photo (an error there fails that photo) and ``close()`` at the end.
     """
     from tqdm import tqdm
 
@@ -331,6 +334,8 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
                                    polygons={tm.tag: tm.polygons for tm in result.tags},
                                    boxes={tm.tag: tm.boxes for tm in result.tags})
             save_png(folder / "overlay.png", overlay)
+            for w in writers:
+                w.add_photo(item.path, item.name, result)
             tasks.append({"data": {config.image_key: image_url(item, image_root_url)},
                           "predictions": [make_prediction(result, config, version, hint=UNUSABLE_TAG_HINT)]})
             summary.records.append(PhotoRecord(
@@ -352,4 +357,6 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
     write_json(out / "summary.json", {"model_version": version, "seconds": round(summary.seconds, 3),
                                       "photos": [asdict(r) for r in summary.records]})
     (out / "label_config.xml").write_text(config.xml.strip() + "\n", encoding="utf-8")
+    for w in writers:
+        w.close()
     return summary

@@ -2,6 +2,8 @@
 
     tag2mask label PATH... --tags horse[,dog] [--tags-csv FILE] --out DIR   pre-label photos for Label Studio
         [--project P --model-dir DIR]          with project P's promoted trained heads (backend.serving.offline)
+        [--format ls,coco,yolo-seg,png]        also as training datasets (backend.datasets)
+    tag2mask export LS_EXPORT.json --format coco|yolo-seg|png --out DIR [--images ROOT]   (cli.export)
     tag2mask explain IMAGE --method gradcam [--layer L] [--tag T] --out FILE.png
     tag2mask eval --images DIR --masks DIR --tag horse [--split FILE] [--limit N] [--json] [--report DIR]
     tag2mask eval --images DIR --masks DIR --classes FILE --tags-csv FILE|--tags-from-mask [--ignore 255] [...]
@@ -47,6 +49,8 @@ from backend.cli.common import (
     host_port_options,
 )
 from backend.cli.explain import cmd_explain
+from backend.cli.export import add_parser as add_export_parser
+from backend.cli.export import dataset_options
 from backend.cli.label import cmd_label
 
 
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="pre-label photos: masks, overlays and a Label Studio tasks.json",
                        description="Pre-label photos from their tags. Writes DIR/<photo>/<tag>.png (0/255 masks), "
                                    "DIR/<photo>/overlay.png, DIR/tasks.json (Label Studio import), "
-                                   "DIR/label_config.xml, DIR/summary.json and DIR/errors.json.")
+                                   "DIR/label_config.xml, DIR/summary.json and DIR/errors.json; with --format also "
+                                   "training datasets: DIR/coco/, DIR/yolo/, DIR/png/.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="photos, or folders of photos (searched recursively)")
     p.add_argument("--tags", help="comma-separated tags for every photo, e.g. horse,dog")
     p.add_argument("--tags-csv", metavar="FILE",
@@ -118,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-config", metavar="FILE",
                    help="Label Studio labeling config (XML) to fill (default: Choices/BrushLabels/"
                         "PolygonLabels/RectangleLabels for the tags; written to DIR/label_config.xml)")
+    dataset_options(p)
     model_options(p)
     add_heads_options(p)
     progress_option(p)
     p.set_defaults(func=cmd_label)
+
+    add_export_parser(sub)          # export: a Label Studio export -> datasets (no torch)
 
     p = sub.add_parser("explain", help="an explanation picture (CAM heatmap, activations, ...) of one photo",
                        description="Explain the classifier's decision on one photo.")
