@@ -7,7 +7,7 @@ Public API::
 
     cfg = parse_label_config(DEFAULT_LABEL_CONFIG)
     items = photo_to_results(photo, cfg)             # list of result dicts (all controls of cfg)
-    pred = make_prediction(photo, cfg, "tag2mask-…")  # {"result": items, "score": photo.score,
+    pred = make_prediction(photo, cfg, "tag2mask-…")  # {"result": items, "score": photo quality,
                                                      #  "model_version": "tag2mask-…"[, "warnings": [...]]}
     notes = skipped_notes(photo)                     # one sentence per tag left out (photo.skipped)
     msg = no_usable_tag_message(photo_skipped)       # the error of a photo none of whose tags can be segmented
@@ -28,6 +28,12 @@ Which TagMask goes to which control: a TagMask's ``tag`` is matched to each cont
 (exactly, then case-insensitively; ``tag_to_label`` can map engine tags to label values first). A
 control only receives the tags among its own labels. Choices with ``choice="single"`` get only the
 best-scoring tag. Empty masks produce no brush item; region ``id``s are unique (random, 10 chars).
+
+Scores: a region's (brush, polygon, rectangle) ``"score"`` is its tag's estimated mask quality
+(``TagMask.quality``, a guess of its fg IoU) and the prediction's is the photo's (``PhotoResult.quality``),
+so that Label Studio, which sorts tasks by prediction score, shows the worst pre-labels first; where no
+quality is set they fall back to the tag probability (regions: per shape, ``Polygon/Box.score``; the
+prediction: ``PhotoResult.score``). A choices item's score stays the tag probability.
 
 Tags left out of the photo (``PhotoResult.skipped``: no classifier class, no trained head) travel as
 ``"warnings"``: one sentence per tag, its reason and a hint (:data:`UNUSABLE_TAG_HINT`), next to the
@@ -115,6 +121,11 @@ def _region_base(control: Control, photo: PhotoResult, score: float) -> dict:
     }
 
 
+def _region_score(tm: TagMask, fallback: float) -> float:
+    """A region's score: its tag's estimated mask quality when set, else `fallback` (a probability)."""
+    return float(tm.quality) if tm.quality is not None else float(fallback)
+
+
 def choices_item(control: ChoicesControl, tags: list[TagMask], label_of: Mapping[str, str]) -> dict | None:
     """One choices item for the photo's tags (single-choice: the best one); None if none matches."""
     picked = [(label_of[t.tag], t.score) for t in tags if t.tag in label_of]
@@ -140,7 +151,7 @@ def brush_item(control: Control, photo: PhotoResult, tm: TagMask, label: str) ->
         return None
     if mask.shape != (photo.height, photo.width):
         raise ValueError(f"mask of {tm.tag!r} is {mask.shape[1]}x{mask.shape[0]}, photo is {photo.width}x{photo.height}")
-    item = _region_base(control, photo, tm.score)
+    item = _region_base(control, photo, _region_score(tm, tm.score))
     item["value"] = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
     return item
 
@@ -150,7 +161,7 @@ def polygon_items(control: Control, photo: PhotoResult, tm: TagMask, label: str)
     for poly in tm.polygons:
         if len(poly.points) < 3:
             continue
-        item = _region_base(control, photo, poly.score)
+        item = _region_base(control, photo, _region_score(tm, poly.score))
         item["value"] = {
             "points": [[round(_pct(x, photo.width), 3), round(_pct(y, photo.height), 3)] for x, y in poly.points],
             "closed": True,
@@ -169,7 +180,7 @@ def rectangle_items(control: Control, photo: PhotoResult, tm: TagMask, label: st
         w, h = _pct(x1, photo.width) - x, _pct(y1, photo.height) - y
         if w <= 0 or h <= 0:
             continue
-        item = _region_base(control, photo, box.score)
+        item = _region_base(control, photo, _region_score(tm, box.score))
         item["value"] = {"x": round(x, 4), "y": round(y, 4), "width": round(w, 4), "height": round(h, 4),
                          "rotation": 0, "rectanglelabels": [label]}
         out.append(item)
@@ -236,11 +247,13 @@ def _sentence(text: str, capital: bool = True) -> str:
 
 def make_prediction(photo: PhotoResult, config: LabelConfig, model_version: str,
                     tag_to_label: Mapping[str, str] | None = None, hint: str = UNUSABLE_TAG_HINT) -> dict:
-    """The whole prediction for one task: ``{"result": [...], "score": photo.score, "model_version": v}``,
-    plus ``"warnings"`` (:func:`skipped_notes`, with `hint`) when tags were left out of the photo."""
+    """The whole prediction for one task: ``{"result": [...], "score": s, "model_version": v}`` (s: the
+    photo's estimated mask quality, else its mean tag probability), plus ``"warnings"``
+    (:func:`skipped_notes`, with `hint`) when tags were left out of the photo."""
+    quality = photo.quality
     pred = {
         "result": photo_to_results(photo, config, tag_to_label),
-        "score": round(float(photo.score), 4),
+        "score": round(float(quality if quality is not None else photo.score), 4),
         "model_version": str(model_version),
     }
     notes = skipped_notes(photo, hint)

@@ -14,7 +14,7 @@ Stages (each a small function or class in this package, chosen by :class:`Pipeli
 3. Dense CRF (:mod:`crf`) over background + all tags jointly, at a working resolution (off for
    the labels whose validation chose it off: :func:`~explainers.segment.crf.crf_by_tag`).
 4. Clean-up (:mod:`postprocess`) of the per-tag masks at the original resolution.
-5. Geometry (:mod:`geometry`): polygons and boxes with scores.
+5. Geometry (:mod:`geometry`): polygons and boxes with scores; each mask's estimated quality (:mod:`quality`).
 
 A tag the engine cannot segment (no classifier class, not a label of the trained heads) does not
 sink the photo's other tags: they are segmented, and it is listed in ``PhotoResult.skipped`` with
@@ -41,6 +41,7 @@ from explainers.segment.fusion import fuse_seg
 from explainers.segment.geometry import mask_geometry
 from explainers.segment.head_cam import HeadCAM, merge_cam_outputs
 from explainers.segment.postprocess import clean_masks, label_masks
+from explainers.segment.quality import fill_quality
 from explainers.segment.types import PhotoResult, TagMask
 
 
@@ -85,6 +86,7 @@ class Tag2Mask:
         self.ensemble_stages = [CAMStage(load_backbone(name, self.backbone.device), self.config.cam)
                                 for name in self.config.cam.ensemble]
         self.background = calibrated(self.config.background, self.backbone.name)
+        self.quality_model = None   # what estimates TagMask.quality; None = explainers/data/quality_score.json
         self.heads = None
         self.set_heads(heads)
 
@@ -280,6 +282,7 @@ class Tag2Mask:
         for k, (tag, mask) in enumerate(zip(tags, masks)):
             polygons, boxes = mask_geometry(mask, full[k + 1], float(tag_probs[k]), cfg.geometry)
             results.append(TagMask(tag=tag, mask=mask, score=float(tag_probs[k]), polygons=polygons, boxes=boxes))
+        fill_quality(results, maps, probs, tag_probs, self.quality_model)
         timings["geometry"] = time.perf_counter() - t
 
         cams = {}

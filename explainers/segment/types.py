@@ -41,6 +41,7 @@ class TagMask:
     score: float                        # confidence that the tag is in the photo, 0..1
     polygons: list[Polygon] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)   # one per connected component
+    quality: float | None = None        # estimated fg IoU of the mask, 0..1 (explainers.segment.quality); None = unknown
 
 
 @dataclass
@@ -56,3 +57,13 @@ class PhotoResult:
     def score(self) -> float:
         """One number per photo for ordering (active learning): the mean tag score."""
         return float(np.mean([t.score for t in self.tags])) if self.tags else 0.0
+
+    @property
+    def quality(self) -> float | None:
+        """The photo's estimated mask quality (for ordering pre-labels, worst first): halfway between the
+        mean and the best of its tags' ``quality`` (the tags that have one); None when none has. That
+        ranked the dev photos best by their mean true fg IoU (Spearman, COCO dev cross-validated / MSRC
+        dev: 0.640 / 0.652; the mean alone 0.583 / 0.654, the max 0.638 / 0.644, the min 0.464 / 0.655;
+        benchmarks/fit_quality_score.py)."""
+        known = [t.quality for t in self.tags if t.quality is not None]
+        return float((np.mean(known) + np.max(known)) / 2) if known else None
