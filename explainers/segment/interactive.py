@@ -1,0 +1,334 @@
+"""Interactive masks: the object an annotator points at with a box or clicks, for Label Studio's smart tools.
+
+A prompt is a box and/or clicks (positive: "this is the object", negative: "this is not") in the
+photo's pixels. :class:`PromptSegmenter` turns a photo, a prompt and, optionally, a tag into one mask:
+
+1. **Clicks on a tag with class evidence** become a box: the engine segments the tag on the whole
+   photo, and the part of its mask that a positive click hits, grown by ``click_grow``, is the box
+   (the clicks stay as sure foreground). Clicks on a tag without (or hitting nothing) are worked out
+   in a window around them (``click_window`` x the photo's short side) by GrabCut.
+2. **A box, with class evidence** (a tag the engine can segment): the engine's pipeline runs on the
+   box grown by ``margin`` (the object then fills the CAM passes), and its probability of the tag,
+   cut at 0.5 inside the box, is the answer, when that mask's bounding box fits the drawn box
+   (IoU >= ``prior_fit``: an annotator's box holds the whole object, tightly).
+3. **A box otherwise** (no class evidence, or a prior that misses the box): the box's features
+   (:mod:`explainers.segment.box_features`): what inside the box is unlike the context around it in
+   the CNN's features. Without a backbone, GrabCut's colour models (sure background outside the box).
+4. **Clean-up.** Components that hold a positive click are kept; without clicks, components smaller
+   than ``min_component`` x the largest are dropped. A negative click then removes its region: the
+   part of the mask that GrabCut, seeded at that click, takes for one object.
+
+Chosen on the dev objects (horse train split, coco128_dev) with benchmarks/interactive_masks.py; the
+figures and the rules tried are in the README's smart-tools section.
+
+    seg = PromptSegmenter(engine)                       # an explainers.segment.Tag2Mask, or None
+    tm = seg(photo, Prompt(box=(x0, y0, x1, y1)), tag="horse")      # TagMask: mask, polygons, boxes
+    tm = seg(photo, Prompt(positive=[(x, y)], negative=[(x2, y2)]), tag="person")
+
+``tag=None`` (or a tag the engine cannot segment) uses the geometry alone.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import cv2
+import numpy as np
+
+from explainers.segment.config import GeometryConfig
+from explainers.segment.geometry import mask_geometry
+from explainers.segment.types import TagMask
+
+__all__ = ["Prompt", "PromptConfig", "PromptSegmenter", "prompt_mask"]
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A box (x0, y0, x1, y1; pixels, x1/y1 exclusive) and/or clicks (x, y) in the photo's pixels."""
+
+    box: tuple[float, float, float, float] | None = None
+    positive: tuple[Point, ...] = ()
+    negative: tuple[Point, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "positive", tuple(tuple(map(float, p)) for p in self.positive))
+        object.__setattr__(self, "negative", tuple(tuple(map(float, p)) for p in self.negative))
+        if self.box is not None:
+            object.__setattr__(self, "box", tuple(float(v) for v in self.box))
+        if self.box is None and not self.positive:
+            raise ValueError("a prompt needs a box or at least one positive click")
+
+
+@dataclass
+class PromptConfig:
+    margin: float = 0.1          # context around a box, x its side (GrabCut learns the background there)
+    click_window: float = 0.5    # without a box: window around the clicks, x the photo's short side
+    work_side: int = 320         # long side of the crop while GrabCut runs
+    iterations: int = 4          # GrabCut iterations
+    prior: bool = True           # use the engine's probability map of the tag as the prior (when it has one)
+    prior_low: float = 0.2       # prior below this: probable background inside the box
+    click_radius: float = 0.015  # sure-foreground/background disc at a click, x the crop's long side
+    min_component: float = 0.1   # without clicks: drop components under this x the largest
+    refine: str = "auto"         # "auto": the class prior cut at 0.5 in the box when its box fits the drawn one
+    #                              (``prior_fit``), else the box's features (explainers.segment.box_features);
+    #                              "prior", "features", "grabcut": that one alone (GrabCut: with the prior)
+    prior_fit: float = 0.6       # "auto": least IoU of the prior cut's bounding box with the drawn box
+    feature_margin: float = 0.3  # context around a box for the features' background clusters, x its side
+    click_grow: float = 0.15     # a click on a tag with a prior: the box of the photo mask's part it hits, grown by this
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+
+
+def _clip_box(box: Sequence[float], h: int, w: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    c0, r0 = max(0, int(math.floor(x0))), max(0, int(math.floor(y0)))
+    c1, r1 = min(w, int(math.ceil(x1))), min(h, int(math.ceil(y1)))
+    return c0, r0, max(c0 + 1, c1), max(r0 + 1, r1)
+
+
+def _region(prompt: Prompt, h: int, w: int, cfg: PromptConfig) -> tuple[tuple[int, int, int, int],
+                                                                          tuple[int, int, int, int] | None]:
+    """(crop, box) in pixels (x0, y0, x1, y1): the box grown by the margin, or a window around the clicks."""
+    if prompt.box is not None:
+        box = _clip_box(prompt.box, h, w)
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        mx, my = max(8, int(cfg.margin * bw)), max(8, int(cfg.margin * bh))
+        crop = (max(0, box[0] - mx), max(0, box[1] - my), min(w, box[2] + mx), min(h, box[3] + my))
+        return crop, box
+    xs = [p[0] for p in prompt.positive]
+    ys = [p[1] for p in prompt.positive]
+    half = cfg.click_window * min(h, w) / 2
+    crop = _clip_box((min(xs) - half, min(ys) - half, max(xs) + half, max(ys) + half), h, w)
+    return crop, None
+
+
+def _disc(shape: tuple[int, int], points: Sequence[Point], radius: int) -> np.ndarray:
+    out = np.zeros(shape, np.uint8)
+    for x, y in points:
+        cv2.circle(out, (int(round(x)), int(round(y))), max(1, radius), 1, -1)
+    return out.astype(bool)
+
+
+def prompt_mask(image: np.ndarray, prompt: Prompt, prior: np.ndarray | None = None,
+                cfg: PromptConfig | None = None, seed: int = 0, backbone=None) -> np.ndarray:
+    """Bool (H, W) mask of the object `prompt` points at on an RGB uint8 photo. `prior`: the tag's
+    probability (H, W) in [0, 1] over the photo, or over the crop :func:`crop_of` gives (or None).
+    `backbone` (an explainers Backbone): its features cut out a box's object (None: GrabCut does)."""
+    cfg = cfg or PromptConfig()
+    h, w = image.shape[:2]
+    crop, box = _region(prompt, h, w, cfg)
+    positive = _inside(prompt.positive, h, w)
+    negative = _inside(prompt.negative, h, w)
+    mask = np.zeros((h, w), bool)
+    if box is None or cfg.refine == "grabcut":                                        # clicks alone: GrabCut in a window around them
+        part = _grab(image, crop, box, positive, negative, prior, cfg, seed)
+    else:
+        part = _box_mask(image, crop, box, positive, prior, cfg, backbone)
+        if part is None:
+            part = _grab(image, crop, box, positive, negative, None, cfg, seed)
+    x0, y0, x1, y1 = crop
+    mask[y0:y1, x0:x1] = part
+    mask = _keep(mask, positive, cfg)
+    for point in negative:                                 # a negative click removes its region
+        mask &= ~_region_at(mask, image, point, prior, cfg, seed)
+    return mask
+
+
+def crop_of(prompt: Prompt, shape: tuple[int, int], cfg: PromptConfig | None = None) -> tuple[int, int, int, int]:
+    """The crop (x0, y0, x1, y1) the prompt's mask is worked out in (a prior may cover just that)."""
+    return _region(prompt, shape[0], shape[1], cfg or PromptConfig())[0]
+
+
+def _inside(points: Sequence[Point], h: int, w: int) -> list[Point]:
+    return [(min(w - 1.0, max(0.0, x)), min(h - 1.0, max(0.0, y))) for x, y in points]
+
+
+def _grab(image: np.ndarray, crop, box, positive, negative, prior, cfg: PromptConfig, seed: int) -> np.ndarray:
+    """GrabCut's foreground over `crop` (bool, the crop's size)."""
+    x0, y0, x1, y1 = crop
+    ch, cw = y1 - y0, x1 - x0
+    scale = min(1.0, cfg.work_side / max(ch, cw))
+    sh, sw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    small = cv2.resize(image[y0:y1, x0:x1], (sw, sh), interpolation=cv2.INTER_AREA) if scale < 1 \
+        else image[y0:y1, x0:x1]
+    inside = np.zeros((sh, sw), bool)
+    if box is not None:
+        bx0, by0 = int((box[0] - x0) * scale), int((box[1] - y0) * scale)
+        bx1, by1 = max(bx0 + 1, int(math.ceil((box[2] - x0) * scale))), max(by0 + 1, int(math.ceil((box[3] - y0) * scale)))
+        inside[by0:by1, bx0:bx1] = True
+    else:
+        inside[:] = True
+    gc = np.where(inside, cv2.GC_PR_FGD, cv2.GC_BGD).astype(np.uint8)
+    if prior is not None and cfg.prior:
+        p = prior[y0:y1, x0:x1] if prior.shape[:2] == image.shape[:2] else prior
+        p = cv2.resize(p.astype(np.float32), (sw, sh), interpolation=cv2.INTER_LINEAR)
+        low = inside & (p < cfg.prior_low)
+        if low.sum() < inside.sum():                       # some probable foreground must stay
+            gc[low] = cv2.GC_PR_BGD
+    if box is None and prior is None:                      # clicks alone: the window's edge is background
+        gc[[0, -1], :] = cv2.GC_BGD
+        gc[:, [0, -1]] = cv2.GC_BGD
+    radius = max(1, round(cfg.click_radius * max(sh, sw)))
+    shift = lambda pts: [((x - x0) * scale, (y - y0) * scale) for x, y in pts]
+    gc[_disc((sh, sw), shift(positive), radius)] = cv2.GC_FGD
+    gc[_disc((sh, sw), shift(negative), radius)] = cv2.GC_BGD
+    if not (gc == cv2.GC_BGD).any() or not np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD)).any():
+        fg = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))     # GrabCut needs both sides: nothing to learn
+    else:
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.setRNGSeed(seed)
+        bgr = np.ascontiguousarray(small[:, :, ::-1])
+        cv2.grabCut(bgr, gc, None, bgd, fgd, cfg.iterations, cv2.GC_INIT_WITH_MASK)
+        fg = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+    fg &= inside
+    if (sh, sw) != (ch, cw):
+        fg = cv2.resize(fg.astype(np.uint8), (cw, ch), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return fg
+
+
+def _box_iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _fit(part: np.ndarray, crop, box) -> float:
+    """How well a candidate mask (crop-sized) fills the drawn box: IoU of its bounding box with the box."""
+    ys, xs = np.nonzero(part)
+    if not len(xs):
+        return -1.0
+    x0, y0 = crop[0], crop[1]
+    return _box_iou((xs.min() + x0, ys.min() + y0, xs.max() + 1 + x0, ys.max() + 1 + y0), box)
+
+
+def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone) -> np.ndarray | None:
+    """The object in the box (bool, the crop's size) by ``cfg.refine``: the class prior cut at 0.5
+    ("prior"; "auto" when its bounding box fits the drawn box, IoU >= ``prior_fit``), else the box's
+    features (:func:`explainers.segment.box_features.box_foreground` over a crop with
+    ``feature_margin`` of context); None when neither applies (then GrabCut)."""
+    local = [(x - crop[0], y - crop[1]) for x, y in positive]
+    if prior is not None and cfg.prior and cfg.refine in ("auto", "prior"):
+        cut = _prior_cut(image.shape[:2], crop, box, prior)
+        cut[_disc(cut.shape, local, 2)] = True
+        if cfg.refine == "prior" or _fit(_keep(cut, local, cfg), crop, box) >= cfg.prior_fit:
+            return cut
+    if backbone is None or cfg.refine not in ("auto", "features"):
+        return None
+    from explainers.segment.box_features import box_foreground
+
+    h, w = image.shape[:2]
+    wide, _ = _region(Prompt(box=box), h, w, replace(cfg, margin=cfg.feature_margin))
+    wx0, wy0, wx1, wy1 = wide
+    p = box_foreground(backbone, image[wy0:wy1, wx0:wx1],
+                       (box[0] - wx0, box[1] - wy0, box[2] - wx0, box[3] - wy0))
+    if p is None:
+        return None
+    full = np.zeros((h, w), bool)
+    full[wy0:wy1, wx0:wx1] = p >= 0.5
+    part = full[crop[1]:crop[3], crop[0]:crop[2]].copy()
+    part[_disc(part.shape, local, 2)] = True
+    return part
+
+
+def _prior_cut(shape, crop, box, prior: np.ndarray) -> np.ndarray:
+    """The prior cut at 0.5 inside the box (bool, the crop's size)."""
+    x0, y0, x1, y1 = crop
+    p = prior[y0:y1, x0:x1] if prior.shape[:2] == tuple(shape) else prior
+    inside = np.zeros(p.shape[:2], bool)
+    inside[box[1] - y0:box[3] - y0, box[0] - x0:box[2] - x0] = True
+    return (p >= 0.5) & inside
+
+
+def _keep(mask: np.ndarray, positive: Sequence[Point], cfg: PromptConfig) -> np.ndarray:
+    """The components holding a positive click (all of them when none does), else the large ones."""
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask
+    if positive:
+        ids = {int(comp[int(y), int(x)]) for x, y in positive} - {0}
+        if ids:
+            return np.isin(comp, list(ids))
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.zeros(n, bool)
+    keep[1:] = areas >= cfg.min_component * areas.max()
+    return keep[comp]
+
+
+def _region_at(mask: np.ndarray, image: np.ndarray, point: Point, prior, cfg: PromptConfig, seed: int) -> np.ndarray:
+    """The region a positive click at `point` would select, where it touches `mask` (bool, photo size)."""
+    if not mask.any():
+        return np.zeros_like(mask)
+    h, w = mask.shape
+    crop, _ = _region(Prompt(positive=(point,)), h, w, cfg)
+    x0, y0, x1, y1 = crop
+    local_prior = prior[y0:y1, x0:x1] if prior is not None and prior.shape[:2] == (h, w) else None
+    part = _grab(image, crop, None, [point], [], local_prior, cfg, seed)
+    region = np.zeros_like(mask)
+    region[y0:y1, x0:x1] = part
+    return region
+
+
+class PromptSegmenter:
+    """Prompts -> TagMasks with an engine's class evidence where it has some (see the module docstring).
+
+    `engine`: an :class:`explainers.segment.Tag2Mask` (its pipeline gives the prior of the tags it can
+    segment, run on the prompt's crop) or None (geometry only). Not thread-safe (the engine is not)."""
+
+    def __init__(self, engine=None, config: PromptConfig | None = None):
+        self.engine = engine
+        self.config = config or PromptConfig()
+
+    def prior(self, image: np.ndarray, prompt: Prompt, tag: str | None) -> tuple[np.ndarray | None, float]:
+        """(the tag's probability over the prompt's crop, or None; the tag's probability there, or 1)."""
+        if self.engine is None or tag is None or not self.config.prior or not self.engine.can_segment(tag):
+            return None, 1.0
+        x0, y0, x1, y1 = crop_of(prompt, image.shape[:2], self.config)
+        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+        result, probs = self.engine.predict_with_probs(crop, [tag])
+        if probs is None or not result.tags:
+            return None, 1.0
+        fg = 1.0 - probs[0]
+        fg = cv2.resize(fg.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        return np.clip(fg, 0.0, 1.0), float(result.tags[0].score)
+
+    def click_box(self, image: np.ndarray, prompt: Prompt, tag: str | None) -> Prompt:
+        """Clicks without a box on a tag the engine can segment: the box of the part of the photo's
+        mask of `tag` that the positive clicks hit (grown by ``click_grow``), so the crop holds the whole
+        object; the prompt unchanged when there is no such part."""
+        if prompt.box is not None or self.engine is None or tag is None or not self.config.prior \
+                or not self.engine.can_segment(tag):
+            return prompt
+        result = self.engine.predict(image, [tag])
+        if not result.tags:
+            return prompt
+        mask = result.tags[0].mask
+        _, comp, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        h, w = mask.shape
+        ids = {int(comp[int(min(h - 1, max(0, y))), int(min(w - 1, max(0, x)))]) for x, y in prompt.positive} - {0}
+        if not ids:
+            return prompt
+        xs0 = min(stats[i, 0] for i in ids)
+        ys0 = min(stats[i, 1] for i in ids)
+        xs1 = max(stats[i, 0] + stats[i, 2] for i in ids)
+        ys1 = max(stats[i, 1] + stats[i, 3] for i in ids)
+        for x, y in prompt.positive:
+            xs0, ys0, xs1, ys1 = min(xs0, x), min(ys0, y), max(xs1, x + 1), max(ys1, y + 1)
+        g = self.config.click_grow
+        dx, dy = g * (xs1 - xs0), g * (ys1 - ys0)
+        return Prompt(box=(xs0 - dx, ys0 - dy, xs1 + dx, ys1 + dy), positive=prompt.positive,
+                      negative=prompt.negative)
+
+    def __call__(self, image: np.ndarray, prompt: Prompt, tag: str | None = None) -> TagMask:
+        prompt = self.click_box(image, prompt, tag)
+        prior, tag_score = self.prior(image, prompt, tag)
+        mask = prompt_mask(image, prompt, prior, self.config,
+                           backbone=self.engine.backbone if self.engine is not None else None)
+        polygons, boxes = mask_geometry(mask, None, tag_score, self.config.geometry)
+        return TagMask(tag=tag or "", mask=mask, score=tag_score, polygons=polygons, boxes=boxes)
