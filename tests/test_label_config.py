@@ -42,11 +42,14 @@ def test_only_controls_of_the_image_are_kept():
       <Labels name="ner" toName="txt"><Label value="Horse"/></Labels>
       <Choices name="sentiment" toName="txt"><Choice value="Good"/></Choices>
       <KeyPointLabels name="kp" toName="image"><Label value="Eye"/></KeyPointLabels>
+      <EllipseLabels name="ell" toName="image"><Label value="Eye"/></EllipseLabels>
       <BrushLabels name="brush" toName="image"><Label value="Horse"/></BrushLabels></View>"""
     cfg = parse_label_config(xml)
     assert [c.from_name for c in cfg.controls] == ["brush"]
-    assert set(cfg.skipped) == {"ner", "sentiment", "kp"}
-    assert "not supported" in cfg.skipped["kp"]
+    assert set(cfg.skipped) == {"ner", "sentiment", "ell"}
+    assert "not supported" in cfg.skipped["ell"]
+    # KeyPointLabels receive no predictions: their clicks are smart-tool prompts (backend.labelstudio.context)
+    assert [c.from_name for c in cfg.prompt_controls] == ["kp"]
 
 
 def test_image_chosen_by_name_when_several():

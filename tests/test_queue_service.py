@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -114,6 +115,51 @@ def test_predict_through_workers_cache_jobs_progress_and_unreachable_label_studi
         progress = app.get(f"/projects/{PROJECT}/progress").get_json()
         assert (progress["tasks"], progress["done"], progress["failed"], progress["queued"]) == (3, 1, 2, 0)
         assert app.get("/jobs/no-such-job").status_code == 404
+    finally:
+        _stop(worker)
+
+
+SMART_CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="brush" toName="image"><Label value="Horse"/></BrushLabels>
+<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Horse" smart="true"/></KeyPointLabels>
+</View>"""
+
+
+def test_smart_tool_answer_comes_from_an_interactive_job_never_from_the_cache(server, horse_dir, tmp_path):
+    """A /predict with a smart tool's click (params.context) in queue mode: one ``interactive`` job the
+    web process waits for; the answer is the clicked object's brush; a plain /predict of the same task
+    after it is a new job (nothing of the interactive answer was cached), and a second click elsewhere
+    is a new job with its own answer."""
+    from PIL import Image
+
+    from backend.labelstudio.results import decode_rle
+
+    app = create_app(_settings(server, horse_dir, tmp_path)).test_client()
+    log = tmp_path / "worker.log"
+    worker = start_worker(server, "--name", f"{server.token}-smart", log=log,
+                          env=worker_env(server, TAG2MASK_PRESET="fast"))
+    try:
+        stem = "horse290"
+        gt = np.asarray(Image.open(horse_dir / "masks" / f"{stem}.png")) > 0
+        h, w = gt.shape
+        ys, xs = np.nonzero(gt)
+        x, y = float(np.median(xs)), float(np.median(ys))
+        click = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
+                 "value": {"x": 100 * x / w, "y": 100 * y / h, "width": 0.6, "keypointlabels": ["Horse"]}}
+        body = {"tasks": [_task(9, horse_dir, stem)], "project": f"{PROJECT}.1700000000",
+                "label_config": SMART_CONFIG, "params": {"context": {"result": [click]}}}
+        r = app.post("/predict", json=body)
+        assert r.status_code == 200, r.get_json()
+        (pred,) = r.get_json()["results"]
+        brushes = [i for i in pred.get("result", []) if i["type"] == "brushlabels"]
+        assert len(brushes) == 1, (pred, log.read_text()[-2000:])
+        brush = brushes[0]
+        mask = decode_rle(brush["value"]["rle"], h, w)
+        assert mask[int(y), int(x)] and (mask & gt).sum() / (mask | gt).sum() >= 0.4   # the horse, not the scene
+        assert "interactive" in log.read_text()
+        jobs = app.get(f"/projects/{PROJECT}/progress").get_json()["jobs"]
+        plain = app.post("/predict", json={**body, "params": {"context": None}}).get_json()["results"][0]
+        assert plain != pred and app.get(f"/projects/{PROJECT}/progress").get_json()["jobs"] == jobs + 1
     finally:
         _stop(worker)
 

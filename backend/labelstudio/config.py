@@ -10,6 +10,8 @@ control tag                   class               result items it receives (back
 ``<BrushLabels>``             BrushControl        one ``brushlabels`` item (RLE mask) per tag
 ``<PolygonLabels>``           PolygonControl      one ``polygonlabels`` item per polygon
 ``<RectangleLabels>``         RectangleControl    one ``rectanglelabels`` item per box
+``<KeyPointLabels>``          KeyPointControl     none: its clicks are smart-tool prompts only
+                                                  (``LabelConfig.prompt_controls``; backend.labelstudio.context)
 ============================  ==================  ===============================================
 
 Public API::
@@ -33,7 +35,7 @@ names the classifier classes (or engine tags) explicitly; ``tag_queries()`` retu
 model can pass them to ``resolve_tag(..., extra=...)``.
 
 Only controls whose ``toName`` is the Image object are kept; others (text, audio, unsupported control
-types such as KeyPointLabels, a BrushLabels whose ``toName`` names no Image) are listed in
+types such as EllipseLabels, a BrushLabels whose ``toName`` names no Image) are listed in
 ``LabelConfig.skipped`` with the reason, and logged as a warning once per config.
 
 Hostile configs: a config that is not a string, longer than MAX_CONFIG_CHARS (1 000 000), with a
@@ -55,7 +57,7 @@ from typing import ClassVar
 from backend.untrusted import json_type
 
 __all__ = ["DEFAULT_LABEL_CONFIG", "LabelConfigError", "Control", "ChoicesControl", "BrushControl", "PolygonControl",
-           "RectangleControl", "LabelConfig", "parse_label_config", "MAX_CONFIG_CHARS", "MAX_CONFIG_LABELS",
+           "RectangleControl", "KeyPointControl", "LabelConfig", "parse_label_config", "MAX_CONFIG_CHARS", "MAX_CONFIG_LABELS",
            "parse_label_config_cached", "CONTROL_CLASSES"]
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,13 @@ class RectangleControl(Control):
     type: ClassVar[str] = "rectanglelabels"
 
 
+@dataclass
+class KeyPointControl(Control):
+    """A KeyPointLabels control: the clicks of Label Studio's smart tools (interactive prompts); it
+    receives no predicted items."""
+    type: ClassVar[str] = "keypointlabels"
+
+
 CONTROL_CLASSES: dict[str, type[Control]] = {
     "choices": ChoicesControl,
     "brushlabels": BrushControl,
@@ -173,6 +182,7 @@ class LabelConfig:
     controls: list[Control]
     skipped: dict[str, str] = field(default_factory=dict)   # control name -> why it is not used
     xml: str = ""
+    prompt_controls: list[Control] = field(default_factory=list)   # KeyPointLabels: smart-tool clicks only
 
     @property
     def region_controls(self) -> list[Control]:
@@ -245,7 +255,7 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
             names = ", ".join(repr(n) for n in (ct.to_name or [])) or "nothing"
             skipped[ct.name] = f"<{ct.tag}> is not bound to an Image (its toName names {names})"
             continue
-        cls = CONTROL_CLASSES.get(kind)
+        cls = CONTROL_CLASSES.get(kind) or (KeyPointControl if kind == KeyPointControl.type else None)
         if cls is None:
             skipped[ct.name] = (f"<{ct.tag}> is not supported (supported: Choices, BrushLabels, "
                                 "PolygonLabels, RectangleLabels)")
@@ -265,7 +275,8 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
 
     if image_name is None:
         image_name = next((n for n, cs in per_image.items() if cs), images[0].name)
-    controls = per_image[image_name]
+    prompts = [c for c in per_image[image_name] if isinstance(c, KeyPointControl)]
+    controls = [c for c in per_image[image_name] if not isinstance(c, KeyPointControl)]
     for other, cs in per_image.items():
         for c in cs if other != image_name else []:
             skipped[c.from_name] = f"bound to another Image ({other!r})"
@@ -281,7 +292,8 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
     image = by_name[image_name]
     value = image.value or ""
     key = value[1:] if value.startswith("$") else value
-    return LabelConfig(image_name=image_name, image_key=key, controls=controls, skipped=skipped, xml=xml)
+    return LabelConfig(image_name=image_name, image_key=key, controls=controls, skipped=skipped, xml=xml,
+                       prompt_controls=prompts)
 
 
 def _refuse_hostile(xml) -> None:

@@ -125,3 +125,9 @@ def job_task(task, config: LabelConfig) -> dict:
     a bad annotation)."""
     tid, ref = task_photo(task, config)
     return {"id": tid, "image": ref, "tags": choose_tags(task, config) or [], "ls": True}
+
+
+def with_prompts(job: dict, prompts: list[dict]) -> dict:
+    """The predict function's task `job` asking for an interactive answer: ``"prompts"`` (the JSON of
+    :class:`backend.labelstudio.context.SmartPrompt` s) when there are any, `job` unchanged otherwise."""
+    return {**job, "prompts": prompts} if prompts else job

@@ -149,17 +149,18 @@ class PredictionQueue:
         return out
 
     # -- predict -----------------------------------------------------------------------------
-    def _job_tasks(self, tasks: list, config: LabelConfig) -> tuple[list[tuple[int, dict]], dict[int, str]]:
+    def _job_tasks(self, tasks: list, config: LabelConfig, prompts: list[dict] | None = None
+                   ) -> tuple[list[tuple[int, dict]], dict[int, str]]:
         """([(index, worker task)] of the usable tasks, {index: reason} of the others: the sentence
         ``/predict`` gives inline, :func:`backend.serving.failures.task_failure_reason`); a worker's
         task is built by :func:`backend.labelstudio.tasks.job_task`, as inline."""
-        from backend.labelstudio.tasks import job_task
+        from backend.labelstudio.tasks import job_task, with_prompts
         from backend.serving.failures import is_input_error, task_failure_reason
 
         todo, refused = [], {}
         for i, task in enumerate(tasks):
             try:
-                todo.append((i, job_task(task, config)))
+                todo.append((i, with_prompts(job_task(task, config), prompts or [])))
             except Exception as exc:  # noqa: BLE001 - one bad task never sinks the batch
                 refused[i] = task_failure_reason(exc)
                 if is_input_error(exc):
@@ -176,16 +177,28 @@ class PredictionQueue:
             creds["token"] = model.access_token
         return creds if len(creds) == 2 else {}
 
-    def predict(self, model, tasks: list, project: str | None) -> list[dict]:
-        """One entry per task, in order (see the module docstring). Raises RedisUnavailable."""
+    def predict(self, model, tasks: list, project: str | None, context=None) -> list[dict]:
+        """One entry per task, in order (see the module docstring). Raises RedisUnavailable. `context`:
+        Label Studio's ``params.context``; smart-tool regions in it make the tasks interactive: one
+        ``interactive`` job, waited for, never answered from the cache nor pushed."""
+        from backend.labelstudio.context import parse_context
+
         config = model.use_label_config(None)
         version = model.model_version
         results: list[dict | None] = [None] * len(tasks)
-        pending, refused = self._job_tasks(tasks, config)
+        try:
+            prompts = [p.to_json() for p in parse_context(context, config)]
+        except ValueError as exc:
+            return [{"model_version": version, "score": 0.0, "error": str(exc)} for _ in tasks]
+        pending, refused = self._job_tasks(tasks, config, prompts)
         for i, reason in refused.items():
             results[i] = {"model_version": version, "score": 0.0, "error": reason}
         try:
             conn = self.connection()
+            if prompts:
+                if pending:
+                    self._predict_waiting(conn, model, project, pending, results, interactive=True)
+                return [r for r in results]
             cache = ResultCache(conn, ttl=self.settings.result_ttl)
             todo = []
             owners = conn.mget([push_owner_key(jt["id"], version) for _, jt in pending]) if pending else []
@@ -226,7 +239,7 @@ class PredictionQueue:
         pipe.execute()
         return jobs
 
-    def _predict_waiting(self, conn, model, project, todo, results) -> None:
+    def _predict_waiting(self, conn, model, project, todo, results, interactive: bool = False) -> None:
         from rq.job import JobStatus
 
         from backend.storage.keys import push_late_key
@@ -255,6 +268,14 @@ class PredictionQueue:
                 hit = cache.get(jt["id"], "ref:" + jt["image"], ls_cache_tags(jt["tags"]), version)
                 results[i] = hit or {"model_version": version, "score": 0.0,
                                      "error": errors.get(str(jt["id"])) or info.get("error") or f"job {status.value}"}
+            return
+        if interactive:      # a smart tool's answer is of no use later, and is never a stored prediction
+            job.cancel()
+            for i, jt in todo:
+                results[i] = {"model_version": version, "score": 0.0,
+                              "error": f"the smart tool's answer was not ready within "
+                                       f"{self.settings.predict_deadline:.0f} s (TAG2MASK_PREDICT_DEADLINE): "
+                                       "are workers running (tag2mask worker)?"}
             return
         # deadline: let the job write its predictions to Label Studio itself
         conn.set(push_late_key(job.id), 1, ex=7 * 24 * 3600)

@@ -142,8 +142,8 @@ def enqueue_predictions(connection: redis.Redis, *, project: Any, tasks: Sequenc
     for start in range(0, len(tasks), max(1, chunk_size)):
         chunk = tasks[start:start + max(1, chunk_size)]
         ids = [t["id"] for t in chunk]
-        content = digest([(t["id"], t.get("image_sha") or str(t["image"]), normalize_tags(t.get("tags", [])))
-                           for t in chunk])
+        content = digest([(t["id"], t.get("image_sha") or str(t["image"]), normalize_tags(t.get("tags", [])),
+                           t.get("prompts") or []) for t in chunk])
         task_key = ids[0] if len(ids) == 1 else f"{ids[0]}+{len(ids) - 1}"
         job_id = job_id_for("predict", project, task_key, content, [], model_version)
         request = {"project": project, "model_version": str(model_version), "label_config": label_config,

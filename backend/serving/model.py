@@ -40,8 +40,9 @@ import logging
 from dataclasses import replace
 
 from backend.labelstudio.annotations import TRAINING_EVENTS
+from backend.labelstudio.context import parse_context
 from backend.labelstudio.photos import ImageFetcher
-from backend.labelstudio.tasks import job_task
+from backend.labelstudio.tasks import job_task, with_prompts
 from backend.queue.retry import TransientError
 from backend.serving.failures import is_input_error
 from backend.serving.predict import predict_chunk, task_error
@@ -72,14 +73,20 @@ class Tag2MaskModel(ProjectModel):
     def predict(self, tasks: list, context: dict | None = None, *, cache=None, **kwargs) -> list[dict]:
         """One prediction dict per task, in order, through :func:`backend.serving.predict.predict_chunk`
         (see the module docstring); a failed task gets an entry without "result". ``label_config`` in
-        `kwargs` replaces the model's labeling config; `cache`: a ResultCache or None."""
+        `kwargs` replaces the model's labeling config; `cache`: a ResultCache or None. `context`:
+        Label Studio's ``params.context``; smart-tool regions in it make the answer interactive (the
+        mask of each drawn box or click, backend.serving.interactive; never cached)."""
         config = self.use_label_config(kwargs.get("label_config"))
         version = self.model_version
         out: list[dict | None] = [None] * len(tasks)
         todo: list[tuple[int, dict]] = []
+        try:
+            prompts = [p.to_json() for p in parse_context(context, config)]
+        except ValueError as exc:   # a malformed context fails its tasks, with the sentence
+            return [self._failed(task, exc, version) for task in tasks]
         for i, task in enumerate(tasks):
             try:
-                todo.append((i, job_task(task, config)))
+                todo.append((i, with_prompts(job_task(task, config), prompts)))
             except Exception as exc:  # noqa: BLE001 - one bad task never sinks the batch
                 out[i] = self._failed(task, exc, version)
         creds = {"url": self.hostname, "token": self.access_token}

@@ -8,7 +8,9 @@ backend.labelstudio.photos with the retry policy (backend.queue.retry: an ImageF
 go to the engine in one call per kind of task (Label Studio tasks through
 :meth:`backend.serving.project_model.ProjectModel.predict_images`, with the project's promoted heads;
 explicit-tag tasks through ``engine.predict_many``), and each new prediction is cached. A failed task
-keeps its exception; :func:`task_error` is its sentence.
+keeps its exception; :func:`task_error` is its sentence. A task with ``"prompts"`` (a smart tool's box
+or clicks, backend.labelstudio.context) is answered by :func:`backend.serving.interactive.predict_prompts`,
+one by one, and never read from nor written to the cache.
 
 Settings: a worker passes its own (device, batch size) down with :func:`use_settings`; otherwise
 :func:`settings` reads the environment. The web process passes its model and photo fetcher (so its
@@ -136,6 +138,26 @@ def _predict_ls(outcomes: list["TaskOutcome"], label_config: str, model_version:
                                 version=model_version)
 
 
+def _predict_prompts(outcomes: list["TaskOutcome"], label_config: str, model_version: str, project: Any,
+                     model=None) -> list[dict | Exception]:
+    """Interactive tasks (``"prompts"``: Label Studio's smart tools, backend.labelstudio.context), one by
+    one: :func:`backend.serving.interactive.predict_prompts` with `model` (default: the process's for
+    the config, version and project)."""
+    from backend.labelstudio.context import SmartPrompt
+    from backend.serving.interactive import predict_prompts
+
+    model = model or _ls_model(label_config, model_version, project)
+    config = model.use_label_config(None)
+    out: list[dict | Exception] = []
+    for o in outcomes:
+        try:
+            prompts = [SmartPrompt.from_json(p) for p in o.task["prompts"]]
+            out.append(predict_prompts(model, o.image, config, prompts, version=model_version))
+        except Exception as exc:   # noqa: BLE001 - recorded per task
+            out.append(exc)
+    return out
+
+
 def _predict_explicit(outcomes: list["TaskOutcome"], label_config: str, model_version: str,
                       engine_options: Mapping[str, Any] | None) -> list[dict | Exception]:
     """Explicit-tag tasks: one ``engine.predict_many`` call on the process's engine, under its inference
@@ -234,7 +256,9 @@ def _fetch(task: Mapping[str, Any], model_version: str, cache, creds: Mapping[st
         data = read_image_bytes(image, task_id=task.get("id"), ls_url=creds.get("url"),
                                 api_key=creds.get("token"), fetcher=fetcher)
         outcome.sha = image_hash(data)
-        hit = cache.get(task.get("id"), outcome.sha, outcome.tags, model_version) if cache is not None else None
+        interactive = bool(task.get("prompts"))        # the answer depends on the prompt: never cached
+        hit = cache.get(task.get("id"), outcome.sha, outcome.tags, model_version) \
+            if cache is not None and not interactive else None
         if hit is not None:
             outcome.prediction, outcome.cached = hit, True
             if ls_task:
@@ -282,6 +306,10 @@ def predict_chunk(tasks: Sequence[Mapping[str, Any]], *, label_config: str, mode
     version = str(model_version)
     outcomes = [_fetch(task, version, cache, creds, fetcher) for task in tasks]
     misses = [o for o in outcomes if o.error is None and o.prediction is None]
+    interactive = [o for o in misses if o.task.get("prompts")]
+    misses = [o for o in misses if not o.task.get("prompts")]
+    for o in interactive:
+        _run_engine([o], lambda batch: _predict_prompts(batch, label_config, version, project, model))
     _run_engine([o for o in misses if o.task.get("ls")],
                 lambda batch: _predict_ls(batch, label_config, version, project, model))
     _run_engine([o for o in misses if not o.task.get("ls")],

@@ -12,7 +12,9 @@ route              method  reply
 /setup             POST    ``{"model_version"}``; body ``{"project", "schema", "hostname", "access_token"}``;
                            400 when the schema has no usable Image control
 /predict           POST    ``{"results": [one per task, in order]}``; body ``{"tasks", "label_config",
-                           "project", "params"}``; a failed task's entry has "error" and no "result"
+                           "project", "params"}``; a failed task's entry has "error" and no "result";
+                           ``params.context`` with smart-tool regions: the mask of each drawn box or
+                           click (backend.serving.interactive; queue mode: an ``interactive`` job)
 /webhook           POST    training events (ANNOTATION_CREATED/UPDATED/DELETED, START_TRAINING) are
                            appended to ``$MODEL_DIR/events.jsonl`` -> ``{"status": "recorded",
                            "training": {...}}``: annotations stored as training examples, START_TRAINING
@@ -307,7 +309,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             return error(400, str(exc))
         t = time.perf_counter()
         if pq is not None:
-            results = pq.predict(model, tasks, project)      # RedisUnavailable -> 503
+            results = pq.predict(model, tasks, project, context=(params or {}).get("context"))   # Redis down: 503
         else:
             results = model.predict(tasks, context=(params or {}).get("context"), cache=inline_cache)
         with metrics.lock:

@@ -1,0 +1,195 @@
+"""Smart tools: prompts (a box, clicks) -> masks (explainers.segment.interactive), Label Studio's context
+(backend.labelstudio.context) and the served /predict with ``params.context``, on real horse photos with the
+real backbone; hostile contexts fail their task with a sentence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.context import MAX_CONTEXT_REGIONS, SmartPrompt, parse_context
+from backend.labelstudio.results import decode_rle
+from backend.settings import Settings
+from backend.web.app import create_app
+from tests.conftest import horse_and_mask
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="brush" toName="image"><Label value="Horse"/><Label value="Saddle blanket"/></BrushLabels>
+<PolygonLabels name="poly" toName="image"><Label value="Horse"/></PolygonLabels>
+<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Horse" smart="true"/></KeyPointLabels>
+<RectangleLabels name="rect" toName="image" smart="true"><Label value="Horse"/><Label value="Saddle blanket"/>
+</RectangleLabels></View>"""
+STEMS = ("horse281", "horse300", "horse315")      # test split
+
+
+def _iou(a, b) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _box(gt, grow=0.05):
+    ys, xs = np.nonzero(gt)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    dx, dy = grow * (x1 - x0) / 2, grow * (y1 - y0) / 2
+    return float(x0 - dx), float(y0 - dy), float(x1 + dx), float(y1 + dy)
+
+
+def _center(gt):
+    import cv2
+
+    dist = cv2.distanceTransform(np.pad(gt, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(dist.argmax()), dist.shape)
+    return float(x), float(y)
+
+
+@pytest.fixture(scope="module")
+def engine(backbone):
+    from explainers.segment import PipelineConfig, Tag2Mask
+
+    return Tag2Mask(backbone, PipelineConfig.preset("balanced"))
+
+
+@pytest.fixture(scope="module")
+def horses(horse_dir):
+    return [horse_and_mask(horse_dir, s) for s in STEMS]
+
+
+# -- the library -------------------------------------------------------------------------------------
+def test_a_box_beats_the_zero_shot_mask(engine, horses):
+    from explainers.segment.interactive import Prompt, PromptSegmenter
+
+    seg = PromptSegmenter(engine)
+    boxed_ious, plain_ious = [], []
+    for image, gt in horses:
+        boxed = seg(image, Prompt(box=_box(gt)), "horse").mask
+        plain = engine.predict(image, ["horse"]).tags[0].mask
+        boxed_ious.append(_iou(boxed, gt))
+        plain_ious.append(_iou(plain, gt))
+        x0, y0, x1, y1 = (int(v) for v in _box(gt, grow=0.2))
+        outside = np.ones_like(gt)
+        outside[max(0, y0):y1, max(0, x0):x1] = False
+        assert not (boxed & outside).any()            # nothing outside the box
+    assert min(boxed_ious) >= 0.7 and np.mean(boxed_ious) >= np.mean(plain_ious), (boxed_ious, plain_ious)
+
+
+def test_clicks_positive_and_negative(engine, horses):
+    from explainers.segment.interactive import Prompt, PromptSegmenter
+
+    seg = PromptSegmenter(engine)
+    image, gt = horses[0]
+    x, y = _center(gt)
+    one = seg(image, Prompt(positive=((x, y),)), "horse").mask
+    assert one[int(y), int(x)] and _iou(one, gt) >= 0.6
+    ys, xs = np.nonzero(one)
+    far = int(np.argmax((xs - x) ** 2 + (ys - y) ** 2))
+    neg = (float(xs[far]), float(ys[far]))
+    two = seg(image, Prompt(positive=((x, y),), negative=(neg,)), "horse").mask
+    assert not two[int(neg[1]), int(neg[0])] and two[int(y), int(x)] and two.sum() < one.sum()
+
+
+def test_geometry_alone_for_a_tag_without_class_evidence(horses):
+    from explainers.segment.interactive import Prompt, PromptSegmenter
+
+    seg = PromptSegmenter(None)
+    image, gt = horses[1]
+    assert _iou(seg(image, Prompt(box=_box(gt))).mask, gt) >= 0.5
+    with pytest.raises(ValueError, match="box or at least one positive click"):
+        Prompt(negative=((1.0, 2.0),))
+
+
+# -- Label Studio's context ----------------------------------------------------------------------------
+def _rect(x, y, w, h, label="Horse", **extra):
+    return {"type": "rectanglelabels", "from_name": "rect", "to_name": "image",
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label], **extra}}
+
+
+def _kp(x, y, positive=True, label="Horse"):
+    return {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": positive,
+            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label], "labels": [label]}}
+
+
+def test_context_regions_become_prompts():
+    config = parse_label_config(CONFIG)
+    assert [c.type for c in config.prompt_controls] == ["keypointlabels"] and not config.skipped
+    prompts = parse_context({"result": [_rect(10, 10, 50, 40), _kp(20, 20), _kp(30, 30, False), _kp(80, 80)]},
+                            config)
+    assert prompts[0] == SmartPrompt("Horse", box=(10, 10, 50, 40), positive=[(20, 20)], negative=[(30, 30)])
+    assert prompts[1] == SmartPrompt("Horse", positive=[(80, 80)])
+    assert prompts[0].in_pixels(200, 100)[0] == (20, 10, 120, 50)
+    assert SmartPrompt.from_json(prompts[0].to_json()) == prompts[0]
+    assert parse_context(None, config) == [] and parse_context({"result": []}, config) == []
+    # a rotated rectangle stands for its upright bounds, clamped to the photo
+    (rot,) = parse_context({"result": [_rect(50, 10, 20, 10, rotation=90)]}, config)
+    assert rot.box == pytest.approx((40, 10, 10, 20))
+    (clamped,) = parse_context({"result": [_rect(-20, 90, 50, 50)]}, config)
+    assert clamped.box == (0, 90, 30, 10)
+
+
+@pytest.mark.parametrize("context, words", [
+    ([1], "must be an object"),
+    ({"result": "all"}, "must be a list"),
+    ({"result": [7]}, "region 0 must be an object"),
+    ({"result": [{"type": "ellipselabels", "value": {}}]}, "keypointlabels click or a rectanglelabels box"),
+    ({"result": [_rect(1, 1, float("nan"), 3)]}, "width must be a finite number"),
+    ({"result": [_rect(1, 1, 1e309, 3)]}, "width must be a finite number"),
+    ({"result": [_rect(1, 1, "9", 3)]}, "width must be a finite number"),
+    ({"result": [_rect(1, 1, 0, 3)]}, "without area"),
+    ({"result": [_rect(150, 1, 10, 3)]}, "outside the photo"),
+    ({"result": [_rect(1, 1, 10, 3, label="Zebra")]}, "not a label of the config"),
+    ({"result": [{"type": "keypointlabels", "value": {"x": 1, "y": 1, "keypointlabels": [3]}}]}, "names no label"),
+    ({"result": [dict(_kp(1, 1), is_positive="yes")]}, "is_positive must be true or false"),
+    ({"result": [_kp(1, 1, positive=False)]}, "all negative"),
+    ({"result": [_kp(1, 1)] * (MAX_CONTEXT_REGIONS + 1)}, "at most"),
+])
+def test_hostile_contexts_are_refused_with_a_sentence(context, words):
+    with pytest.raises(ValueError, match=words):
+        parse_context(context, parse_label_config(CONFIG))
+
+
+# -- the served /predict ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(horse_dir, tmp_path_factory):
+    s = Settings.from_env(env={}, model_dir=tmp_path_factory.mktemp("model_dir"), preset="balanced",
+                          local_roots=[horse_dir], warmup=False)
+    return create_app(s).test_client()
+
+
+def _predict(client, horse_dir, stem, context, **task):
+    body = {"tasks": [{"id": 5, "data": {"image": str(horse_dir / "images" / f"{stem}.jpg")}, **task}],
+            "label_config": CONFIG, "project": "4.1700000000", "params": {"context": context}}
+    r = client.post("/predict", json=body)
+    assert r.status_code == 200, r.json
+    return r.json["results"][0]
+
+
+def test_predict_with_a_box_answers_its_mask(client, horse_dir, horses):
+    _, gt = horses[2]
+    h, w = gt.shape
+    x0, y0, x1, y1 = _box(gt)
+    ctx = {"result": [_rect(100 * x0 / w, 100 * y0 / h, 100 * (x1 - x0) / w, 100 * (y1 - y0) / h)]}
+    out = _predict(client, horse_dir, STEMS[2], ctx)
+    brushes = [r for r in out["result"] if r["type"] == "brushlabels"]
+    assert len(brushes) == 1 and brushes[0]["value"]["brushlabels"] == ["Horse"]
+    assert _iou(decode_rle(brushes[0]["value"]["rle"], h, w), gt) >= 0.75
+    assert any(r["type"] == "polygonlabels" for r in out["result"])
+    assert not any(r["type"] in ("rectanglelabels", "choices") for r in out["result"])
+    # a plain prediction of the same task is not the interactive answer (nothing is cached across)
+    plain = _predict(client, horse_dir, STEMS[2], None)
+    assert any(r["type"] == "rectanglelabels" for r in plain["result"])
+
+
+def test_predict_with_a_label_imagenet_lacks_uses_the_geometry(client, horse_dir, horses):
+    _, gt = horses[1]
+    h, w = gt.shape
+    x0, y0, x1, y1 = _box(gt)
+    ctx = {"result": [_rect(100 * x0 / w, 100 * y0 / h, 100 * (x1 - x0) / w, 100 * (y1 - y0) / h,
+                            label="Saddle blanket")]}
+    out = _predict(client, horse_dir, STEMS[1], ctx)
+    (brush,) = [r for r in out["result"] if r["type"] == "brushlabels"]
+    assert brush["value"]["brushlabels"] == ["Saddle blanket"]
+
+
+def test_predict_with_a_malformed_context_fails_the_task_only(client, horse_dir):
+    out = _predict(client, horse_dir, STEMS[0], {"result": [_rect(1, 1, "x", 3)]})
+    assert "result" not in out and "width must be a finite number" in out["error"]
+    out = _predict(client, horse_dir, STEMS[0], "a string")
+    assert "result" not in out and "params.context must be an object" in out["error"]
