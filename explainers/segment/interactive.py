@@ -9,11 +9,13 @@ photo's pixels. :class:`PromptSegmenter` turns a photo, a prompt and, optionally
    in a window around them (``click_window`` x the photo's short side) by GrabCut.
 2. **A box, with class evidence** (a tag the engine can segment): the engine's pipeline runs on the
    box grown by ``margin`` (the object then fills the CAM passes), and its probability of the tag,
-   cut at 0.5 inside the box, is the answer, when that mask's bounding box fits the drawn box
-   (IoU >= ``prior_fit``: an annotator's box holds the whole object, tightly).
+   cut at 0.5 inside the box, is the answer, when the classifier sees the tag in the box (probability
+   >= ``prior_min_prob``) and that mask's bounding box fits the drawn box (IoU >= ``prior_fit``: an
+   annotator's box holds the whole object, tightly).
 3. **A box otherwise** (no class evidence, or a prior that misses the box): the box's features
    (:mod:`explainers.segment.box_features`): what inside the box is unlike the context around it in
-   the CNN's features. Without a backbone, GrabCut's colour models (sure background outside the box).
+   the CNN's features, its outline snapped to the photo's edges by a dense CRF (``feature_crf``).
+   Without a backbone, GrabCut's colour models (sure background outside the box).
 4. **Clean-up.** Components that hold a positive click are kept; without clicks, components smaller
    than ``min_component`` x the largest are dropped. A negative click then removes its region: the
    part of the mask that GrabCut, seeded at that click, takes for one object.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from explainers.segment.config import GeometryConfig
+from explainers.segment.config import CRFConfig, GeometryConfig
 from explainers.segment.geometry import mask_geometry
 from explainers.segment.types import TagMask
 
@@ -52,6 +54,7 @@ class Prompt:
     box: tuple[float, float, float, float] | None = None
     positive: tuple[Point, ...] = ()
     negative: tuple[Point, ...] = ()
+    tight: bool = True           # the box was drawn around the whole object (False: derived from clicks)
 
     def __post_init__(self):
         object.__setattr__(self, "positive", tuple(tuple(map(float, p)) for p in self.positive))
@@ -75,8 +78,10 @@ class PromptConfig:
     refine: str = "auto"         # "auto": the class prior cut at 0.5 in the box when its box fits the drawn one
     #                              (``prior_fit``), else the box's features (explainers.segment.box_features);
     #                              "prior", "features", "grabcut": that one alone (GrabCut: with the prior)
-    prior_fit: float = 0.6       # "auto": least IoU of the prior cut's bounding box with the drawn box
+    prior_fit: float = 0.7       # "auto": least IoU of the prior cut's bounding box with the drawn box
+    prior_min_prob: float = 0.01  # a drawn box: the class prior counts when the tag's probability on the crop is this
     feature_margin: float = 0.3  # context around a box for the features' background clusters, x its side
+    feature_crf: CRFConfig = field(default_factory=lambda: CRFConfig(bilateral_compat=5.0))   # snaps their outline
     click_grow: float = 0.15     # a click on a tag with a prior: the box of the photo mask's part it hits, grown by this
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
 
@@ -127,7 +132,7 @@ def prompt_mask(image: np.ndarray, prompt: Prompt, prior: np.ndarray | None = No
     if box is None or cfg.refine == "grabcut":                                        # clicks alone: GrabCut in a window around them
         part = _grab(image, crop, box, positive, negative, prior, cfg, seed)
     else:
-        part = _box_mask(image, crop, box, positive, prior, cfg, backbone)
+        part = _box_mask(image, crop, box, positive, prior, cfg, backbone, prompt.tight)
         if part is None:
             part = _grab(image, crop, box, positive, negative, None, cfg, seed)
     x0, y0, x1, y1 = crop
@@ -207,30 +212,33 @@ def _fit(part: np.ndarray, crop, box) -> float:
     return _box_iou((xs.min() + x0, ys.min() + y0, xs.max() + 1 + x0, ys.max() + 1 + y0), box)
 
 
-def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone) -> np.ndarray | None:
+def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, tight: bool = True
+              ) -> np.ndarray | None:
     """The object in the box (bool, the crop's size) by ``cfg.refine``: the class prior cut at 0.5
-    ("prior"; "auto" when its bounding box fits the drawn box, IoU >= ``prior_fit``), else the box's
+    ("prior"; "auto" when its bounding box fits the drawn box, IoU >= ``prior_fit``, or when the box
+    is not `tight`: derived from clicks and the prior itself), else the box's
     features (:func:`explainers.segment.box_features.box_foreground` over a crop with
     ``feature_margin`` of context); None when neither applies (then GrabCut)."""
     local = [(x - crop[0], y - crop[1]) for x, y in positive]
     if prior is not None and cfg.prior and cfg.refine in ("auto", "prior"):
         cut = _prior_cut(image.shape[:2], crop, box, prior)
         cut[_disc(cut.shape, local, 2)] = True
-        if cfg.refine == "prior" or _fit(_keep(cut, local, cfg), crop, box) >= cfg.prior_fit:
+        if cfg.refine == "prior" or not tight or _fit(_keep(cut, local, cfg), crop, box) >= cfg.prior_fit:
             return cut
     if backbone is None or cfg.refine not in ("auto", "features"):
         return None
-    from explainers.segment.box_features import box_foreground
+    from explainers.segment.box_features import box_foreground, crf_refine
 
     h, w = image.shape[:2]
     wide, _ = _region(Prompt(box=box), h, w, replace(cfg, margin=cfg.feature_margin))
     wx0, wy0, wx1, wy1 = wide
-    p = box_foreground(backbone, image[wy0:wy1, wx0:wx1],
-                       (box[0] - wx0, box[1] - wy0, box[2] - wx0, box[3] - wy0))
+    local_box = (box[0] - wx0, box[1] - wy0, box[2] - wx0, box[3] - wy0)
+    p = box_foreground(backbone, image[wy0:wy1, wx0:wx1], local_box)
     if p is None:
         return None
     full = np.zeros((h, w), bool)
-    full[wy0:wy1, wx0:wx1] = p >= 0.5
+    full[wy0:wy1, wx0:wx1] = crf_refine(image[wy0:wy1, wx0:wx1], p, local_box, cfg.feature_crf) \
+        if cfg.feature_crf.enabled else p >= 0.5
     part = full[crop[1]:crop[3], crop[0]:crop[2]].copy()
     part[_disc(part.shape, local, 2)] = True
     return part
@@ -323,11 +331,13 @@ class PromptSegmenter:
         g = self.config.click_grow
         dx, dy = g * (xs1 - xs0), g * (ys1 - ys0)
         return Prompt(box=(xs0 - dx, ys0 - dy, xs1 + dx, ys1 + dy), positive=prompt.positive,
-                      negative=prompt.negative)
+                      negative=prompt.negative, tight=False)
 
     def __call__(self, image: np.ndarray, prompt: Prompt, tag: str | None = None) -> TagMask:
         prompt = self.click_box(image, prompt, tag)
         prior, tag_score = self.prior(image, prompt, tag)
+        if prompt.tight and tag_score < self.config.prior_min_prob:
+            prior = None                     # the classifier does not see the tag in the box: no class evidence
         mask = prompt_mask(image, prompt, prior, self.config,
                            backbone=self.engine.backbone if self.engine is not None else None)
         polygons, boxes = mask_geometry(mask, None, tag_score, self.config.geometry)
