@@ -71,6 +71,16 @@ def test_a_box_beats_the_zero_shot_mask(engine, horses):
     assert min(boxed_ious) >= 0.7 and np.mean(boxed_ious) >= np.mean(plain_ious), (boxed_ious, plain_ious)
 
 
+def test_a_box_over_the_whole_photo_still_gives_the_object(engine, horses):
+    """No context outside the box to learn the background from: the class prior decides."""
+    from explainers.segment.interactive import Prompt, PromptSegmenter
+
+    image, gt = horses[0]
+    h, w = gt.shape
+    mask = PromptSegmenter(engine)(image, Prompt(box=(0, 0, w, h)), "horse").mask
+    assert mask.mean() < 0.6 and _iou(mask, gt) >= 0.6
+
+
 def test_clicks_positive_and_negative(engine, horses):
     from explainers.segment.interactive import Prompt, PromptSegmenter
 

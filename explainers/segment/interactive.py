@@ -220,13 +220,14 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
     features (:func:`explainers.segment.box_features.box_foreground` over a crop with
     ``feature_margin`` of context); None when neither applies (then GrabCut)."""
     local = [(x - crop[0], y - crop[1]) for x, y in positive]
+    cut = None
     if prior is not None and cfg.prior and cfg.refine in ("auto", "prior"):
         cut = _prior_cut(image.shape[:2], crop, box, prior)
         cut[_disc(cut.shape, local, 2)] = True
         if cfg.refine == "prior" or not tight or _fit(_keep(cut, local, cfg), crop, box) >= cfg.prior_fit:
             return cut
     if backbone is None or cfg.refine not in ("auto", "features"):
-        return None
+        return cut
     from explainers.segment.box_features import box_foreground, crf_refine
 
     h, w = image.shape[:2]
@@ -234,8 +235,8 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
     wx0, wy0, wx1, wy1 = wide
     local_box = (box[0] - wx0, box[1] - wy0, box[2] - wx0, box[3] - wy0)
     p = box_foreground(backbone, image[wy0:wy1, wx0:wx1], local_box)
-    if p is None:
-        return None
+    if p is None:                        # no context around the box (it covers the photo): the prior, if any
+        return cut
     full = np.zeros((h, w), bool)
     full[wy0:wy1, wx0:wx1] = crf_refine(image[wy0:wy1, wx0:wx1], p, local_box, cfg.feature_crf) \
         if cfg.feature_crf.enabled else p >= 0.5
