@@ -156,12 +156,39 @@ def test_smart_tool_answer_comes_from_an_interactive_job_never_from_the_cache(se
         brush = brushes[0]
         mask = decode_rle(brush["value"]["rle"], h, w)
         assert mask[int(y), int(x)] and (mask & gt).sum() / (mask | gt).sum() >= 0.4   # the horse, not the scene
-        assert "interactive" in log.read_text()
+        from rq.job import Job
+
+        from backend.storage.keys import project_jobs_key
+
+        conn = server.client()
+        (job_id,) = [i.decode() for i in conn.smembers(project_jobs_key(PROJECT))]
+        assert Job.fetch(job_id, connection=conn).origin.endswith(":interactive")
         jobs = app.get(f"/projects/{PROJECT}/progress").get_json()["jobs"]
         plain = app.post("/predict", json={**body, "params": {"context": None}}).get_json()["results"][0]
         assert plain != pred and app.get(f"/projects/{PROJECT}/progress").get_json()["jobs"] == jobs + 1
     finally:
         _stop(worker)
+
+
+def test_smart_tool_answer_not_ready_in_time_is_a_sentence_and_the_job_is_cancelled(server, horse_dir, tmp_path):
+    """No worker: the interactive job is not done by the deadline; the task gets a sentence (never a late
+    push to Label Studio), and the job is cancelled, not left for a worker to run later."""
+    from rq.job import Job
+
+    from backend.storage.keys import project_jobs_key
+
+    app = create_app(_settings(server, horse_dir, tmp_path, TAG2MASK_PREDICT_DEADLINE="1")).test_client()
+    click = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
+             "value": {"x": 50, "y": 50, "width": 0.6, "keypointlabels": ["Horse"]}}
+    body = {"tasks": [_task(11, horse_dir, "horse290")], "project": f"{PROJECT}.1700000000",
+            "label_config": SMART_CONFIG, "params": {"context": {"result": [click]}}}
+    (entry,) = app.post("/predict", json=body).get_json()["results"]
+    assert "result" not in entry and "not ready within 1 s" in entry["error"] and "tag2mask worker" in entry["error"]
+    conn = server.client()
+    ids = [i.decode() for i in conn.smembers(project_jobs_key(PROJECT))]
+    assert len(ids) == 1
+    statuses = {Job.fetch(i, connection=conn).get_status(refresh=True).value for i in ids}
+    assert statuses == {"canceled"}, statuses
 
 
 def test_redis_down_gives_503_and_work_resumes(server, request, horse_dir, tmp_path):

@@ -240,6 +240,7 @@ class PredictionQueue:
         return jobs
 
     def _predict_waiting(self, conn, model, project, todo, results, interactive: bool = False) -> None:
+        from rq.exceptions import InvalidJobOperation
         from rq.job import JobStatus
 
         from backend.storage.keys import push_late_key
@@ -270,7 +271,10 @@ class PredictionQueue:
                                      "error": errors.get(str(jt["id"])) or info.get("error") or f"job {status.value}"}
             return
         if interactive:      # a smart tool's answer is of no use later, and is never a stored prediction
-            job.cancel()
+            try:
+                job.cancel()
+            except InvalidJobOperation:    # another request waiting on the same job cancelled it first
+                pass
             for i, jt in todo:
                 results[i] = {"model_version": version, "score": 0.0,
                               "error": f"the smart tool's answer was not ready within "
