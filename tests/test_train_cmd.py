@@ -98,6 +98,10 @@ def test_train_from_label_studio_export(tmp_path, horse_dir, capsys):
 
     assert resolve_export_image(tasks[0]["data"]["image"], horse_dir / "images") is None
     assert resolve_export_image(f"s3://bucket/x/{stems[2]}.jpg", horse_dir / "images").name == f"{stems[2]}.jpg"
+    # an absolute local path (tasks made by `tag2mask label` without --image-root-url) inside the root
+    inside = (horse_dir / "images" / f"{stems[2]}.jpg").resolve()
+    assert resolve_export_image(str(inside), horse_dir) == inside
+    assert resolve_export_image(str((horse_dir / "masks" / f"{stems[2]}.png").resolve()), horse_dir / "images") is None
 
 
 def test_train_usage_errors(tmp_path, horse_dir, capsys):

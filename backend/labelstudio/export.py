@@ -38,7 +38,13 @@ def resolve_export_image(ref: str, root: Path) -> Path | None:
     if parsed.scheme in ("s3", "gs", "azure-blob"):
         candidates.append(parsed.netloc + path)
         candidates.append(path)
-    elif "/data/" not in path:
+    elif not path.startswith("/data/"):   # Label Studio's own routes are /data/upload/, /data/local-files/
+        if not parsed.scheme and Path(path).is_absolute():
+            try:
+                rel_to_root = Path(path).resolve().relative_to(root)   # a local path inside the root itself
+                candidates.append(str(rel_to_root))
+            except ValueError:
+                pass
         candidates.append(path)
     names = []
     for c in candidates:
