@@ -53,13 +53,21 @@ def demo_photos(folder: Path) -> dict[str, list[str]]:
     return tags
 
 
+def _quality(row: dict, label: str) -> str:
+    """`label` + the tag's estimated mask quality (summary.json's "quality"), or "" when unknown."""
+    q = row.get("quality")
+    return "" if q is None else f"{label}{q:.2f}"
+
+
 def write_index(out: Path, summary, photos_dir: str = "photos", title: str = "tag2mask demo") -> Path:
-    """OUT/index.html: photo | overlay | tags (score, mask area) | timings, with relative links."""
+    """OUT/index.html: photo | overlay | tags (probability, estimated mask quality, mask area) | timings,
+    with relative links."""
     esc = html.escape
     rows = []
     for rec in summary.records:
         photo = f"{photos_dir}/{Path(rec.path).name}"
-        tags = "".join(f"<li><b>{esc(t['tag'])}</b> score {t['score']:.2f}, mask {100 * t['area']:.1f}% of the "
+        tags = "".join(f"<li><b>{esc(t['tag'])}</b> probability {t['score']:.2f}{_quality(t, ', mask quality ')}, "
+                       f"mask {100 * t['area']:.1f}% of the "
                        f"photo, {t['polygons']} polygon(s), {t['boxes']} box(es) "
                        f"(<a href='{esc(t['mask'])}'>mask</a>)</li>" for t in rec.tags)
         stages = ", ".join(f"{esc(k)} {v:.2f}" for k, v in rec.timings.items() if k != "total")
@@ -131,7 +139,7 @@ def run_demo(args) -> int:
         Path(args.strip).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(strip).quantize(colors=256, dither=Image.Dither.FLOYDSTEINBERG).save(args.strip, optimize=True)
     for rec in summary.records:
-        tags = ", ".join(f"{t['tag']} {t['score']:.2f}" for t in rec.tags)
-        print(f"  {rec.name:12s} {tags:20s} {rec.timings.get('total', rec.seconds):.2f} s -> {rec.overlay}")
+        tags = ", ".join(f"{t['tag']} p {t['score']:.2f}{_quality(t, ' q ')}" for t in rec.tags)
+        print(f"  {rec.name:12s} {tags:26s} {rec.timings.get('total', rec.seconds):.2f} s -> {rec.overlay}")
     print(f"demo: {summary.ok} photos pre-labelled in {time.perf_counter() - start:.1f} s; open {index}")
     return summary.exit_status

@@ -89,7 +89,7 @@ class PhotoRecord:
     path: str
     width: int
     height: int
-    tags: list[dict]            # {"tag", "score", "mask", "area", "polygons", "boxes"}
+    tags: list[dict]            # {"tag", "score", "quality", "mask", "area", "polygons", "boxes"}
     overlay: str
     timings: dict[str, float]
     seconds: float              # wall time of load + predict + writing
@@ -327,7 +327,9 @@ def label_photos(photos: Sequence[PhotoItem], engine, out_dir: str | os.PathLike
                     fname, k = f"{stem}-{k}.png", k + 1
                 used.add(fname)
                 save_png(folder / fname, np.where(tm.mask, 255, 0).astype(np.uint8))
-                tag_rows.append({"tag": tm.tag, "score": round(float(tm.score), 4), "mask": f"{item.name}/{fname}",
+                tag_rows.append({"tag": tm.tag, "score": round(float(tm.score), 4),
+                                 "quality": None if tm.quality is None else round(float(tm.quality), 4),
+                                 "mask": f"{item.name}/{fname}",
                                  "area": round(float(np.mean(tm.mask)), 4), "polygons": len(tm.polygons),
                                  "boxes": len(tm.boxes)})
             overlay = mask_overlay(image, {tm.tag: tm.mask for tm in result.tags},
