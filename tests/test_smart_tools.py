@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.context import MAX_CONTEXT_REGIONS, SmartPrompt, parse_context
+from backend.labelstudio.context import MAX_CONTEXT_REGIONS, SmartPrompt, is_interactive, parse_context
 from backend.labelstudio.results import decode_rle
 from backend.settings import Settings
 from backend.web.app import create_app
@@ -127,6 +127,7 @@ def test_context_regions_become_prompts():
     assert prompts[0].in_pixels(200, 100)[0] == (20, 10, 120, 50)
     assert SmartPrompt.from_json(prompts[0].to_json()) == prompts[0]
     assert parse_context(None, config) == [] and parse_context({"result": []}, config) == []
+    assert is_interactive({"result": []}) and not is_interactive(None) and not is_interactive({})
     # a rotated rectangle stands for its upright bounds, clamped to the photo
     (rot,) = parse_context({"result": [_rect(50, 10, 20, 10, rotation=90)]}, config)
     assert rot.box == pytest.approx((40, 10, 10, 20))
@@ -196,6 +197,12 @@ def test_predict_with_a_label_imagenet_lacks_uses_the_geometry(client, horse_dir
     out = _predict(client, horse_dir, STEMS[1], ctx)
     (brush,) = [r for r in out["result"] if r["type"] == "brushlabels"]
     assert brush["value"]["brushlabels"] == ["Saddle blanket"]
+
+
+def test_predict_with_an_emptied_smart_context_answers_nothing(client, horse_dir):
+    """The annotator removed the smart regions: an empty answer, not the whole pre-annotation as suggestions."""
+    out = _predict(client, horse_dir, STEMS[0], {"result": []})
+    assert out["result"] == [] and "error" not in out
 
 
 def test_predict_with_a_malformed_context_fails_the_task_only(client, horse_dir):

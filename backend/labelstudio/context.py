@@ -26,6 +26,7 @@ that is not an object, a value that is not a finite number, an unknown type or l
 sentence (the task's entry carries it; nothing else is affected). Coordinates are clamped to the photo.
 
     prompts = parse_context(context, config)   # [] when the context holds no smart-tool region
+    is_interactive(context)                    # a smart tool's request (then [] prompts: an empty answer)
     prompts[0].label, prompts[0].to_json()     # JSON for a queue job; SmartPrompt.from_json(d)
     box, positive, negative = prompts[0].in_pixels(width, height)
 """
@@ -39,7 +40,7 @@ from typing import Any
 from backend.labelstudio.config import LabelConfig
 from backend.untrusted import clip, json_type
 
-__all__ = ["MAX_CONTEXT_REGIONS", "PROMPT_TYPES", "SmartPrompt", "has_regions", "parse_context"]
+__all__ = ["MAX_CONTEXT_REGIONS", "PROMPT_TYPES", "SmartPrompt", "is_interactive", "parse_context"]
 
 MAX_CONTEXT_REGIONS = 64          # smart-tool regions in one request (Label Studio sends a handful)
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
@@ -106,10 +107,11 @@ def _pct(value: float) -> float:
     return min(100.0, max(0.0, value))
 
 
-def has_regions(context: Any) -> bool:
-    """Whether a request's ``params.context`` asks for an interactive answer (Label Studio sends
-    ``null`` for plain predictions)."""
-    return context is not None and not (isinstance(context, Mapping) and not context.get("result"))
+def is_interactive(context: Any) -> bool:
+    """Whether a request's ``params.context`` comes from a smart tool (``{"result": [...]}``, also when the
+    list is empty: the annotator removed the regions, and the answer is then empty too). Label Studio
+    sends ``null`` for plain predictions."""
+    return isinstance(context, Mapping) and "result" in context
 
 
 def _label_of(item: Mapping[str, Any], kind: str, config: LabelConfig, index: int) -> str:

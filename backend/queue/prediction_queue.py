@@ -181,7 +181,7 @@ class PredictionQueue:
         """One entry per task, in order (see the module docstring). Raises RedisUnavailable. `context`:
         Label Studio's ``params.context``; smart-tool regions in it make the tasks interactive: one
         ``interactive`` job, waited for, never answered from the cache nor pushed."""
-        from backend.labelstudio.context import parse_context
+        from backend.labelstudio.context import is_interactive, parse_context
 
         config = model.use_label_config(None)
         version = model.model_version
@@ -190,6 +190,8 @@ class PredictionQueue:
             prompts = [p.to_json() for p in parse_context(context, config)]
         except ValueError as exc:
             return [{"model_version": version, "score": 0.0, "error": str(exc)} for _ in tasks]
+        if is_interactive(context) and not prompts:   # the smart tool's regions were removed: nothing to show
+            return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         pending, refused = self._job_tasks(tasks, config, prompts)
         for i, reason in refused.items():
             results[i] = {"model_version": version, "score": 0.0, "error": reason}

@@ -40,7 +40,7 @@ import logging
 from dataclasses import replace
 
 from backend.labelstudio.annotations import TRAINING_EVENTS
-from backend.labelstudio.context import parse_context
+from backend.labelstudio.context import is_interactive, parse_context
 from backend.labelstudio.photos import ImageFetcher
 from backend.labelstudio.tasks import job_task, with_prompts
 from backend.queue.retry import TransientError
@@ -84,6 +84,8 @@ class Tag2MaskModel(ProjectModel):
             prompts = [p.to_json() for p in parse_context(context, config)]
         except ValueError as exc:   # a malformed context fails its tasks, with the sentence
             return [self._failed(task, exc, version) for task in tasks]
+        if is_interactive(context) and not prompts:   # the smart tool's regions were removed: nothing to show
+            return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         for i, task in enumerate(tasks):
             try:
                 todo.append((i, with_prompts(job_task(task, config), prompts)))
