@@ -91,13 +91,9 @@ def coco_objects(limit: int | None, min_area: float = 0.01) -> list[Obj]:
     return spread(out, limit)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 def run(objects: list[Obj], segmenter, mode: str) -> dict:
     from explainers.imageio import load_image
+    from explainers.metrics import iou
     from explainers.segment.interactive import Prompt
 
     ious, inter, union, secs, with_prior = [], 0, 0, [], []

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from explainers.metrics import box_iou, mask_to_box
 from explainers.segment.config import CRFConfig, GeometryConfig
 from explainers.segment.geometry import mask_geometry
+from explainers.segment.postprocess import remove_islands
 from explainers.segment.types import TagMask
 
 __all__ = ["Prompt", "PromptConfig", "PromptSegmenter", "prompt_mask"]
@@ -129,7 +131,7 @@ def prompt_mask(image: np.ndarray, prompt: Prompt, prior: np.ndarray | None = No
     positive = _inside(prompt.positive, h, w)
     negative = _inside(prompt.negative, h, w)
     mask = np.zeros((h, w), bool)
-    if box is None or cfg.refine == "grabcut":                                        # clicks alone: GrabCut in a window around them
+    if box is None or cfg.refine == "grabcut":             # clicks alone: GrabCut in a window around them
         part = _grab(image, crop, box, positive, negative, prior, cfg, seed)
     else:
         part = _box_mask(image, crop, box, positive, prior, cfg, backbone, prompt.tight)
@@ -195,21 +197,14 @@ def _grab(image: np.ndarray, crop, box, positive, negative, prior, cfg: PromptCo
     return fg
 
 
-def _box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _fit(part: np.ndarray, crop, box) -> float:
-    """How well a candidate mask (crop-sized) fills the drawn box: IoU of its bounding box with the box."""
-    ys, xs = np.nonzero(part)
-    if not len(xs):
+    """How well a candidate mask (crop-sized) fills the drawn box: IoU of its bounding box with the box
+    (-1 for an empty mask)."""
+    tight = mask_to_box(part)
+    if tight is None:
         return -1.0
     x0, y0 = crop[0], crop[1]
-    return _box_iou((xs.min() + x0, ys.min() + y0, xs.max() + 1 + x0, ys.max() + 1 + y0), box)
+    return box_iou((tight[0] + x0, tight[1] + y0, tight[2] + x0, tight[3] + y0), box)
 
 
 def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, tight: bool = True
@@ -256,18 +251,11 @@ def _prior_cut(shape, crop, box, prior: np.ndarray) -> np.ndarray:
 
 def _keep(mask: np.ndarray, positive: Sequence[Point], cfg: PromptConfig) -> np.ndarray:
     """The components holding a positive click (all of them when none does), else the large ones."""
-    n, comp, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 2:
-        return mask
-    if positive:
-        ids = {int(comp[int(y), int(x)]) for x, y in positive} - {0}
-        if ids:
-            return np.isin(comp, list(ids))
-        return mask
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = np.zeros(n, bool)
-    keep[1:] = areas >= cfg.min_component * areas.max()
-    return keep[comp]
+    if not positive:
+        return remove_islands(mask, cfg.min_component, 0.0)
+    n, comp = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    ids = {int(comp[int(y), int(x)]) for x, y in positive} - {0} if n > 2 else set()
+    return np.isin(comp, list(ids)) if ids else mask
 
 
 def _region_at(mask: np.ndarray, image: np.ndarray, point: Point, prior, cfg: PromptConfig, seed: int) -> np.ndarray:
