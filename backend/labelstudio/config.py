@@ -170,6 +170,7 @@ CONTROL_CLASSES: dict[str, type[Control]] = {
     "brushlabels": BrushControl,
     "polygonlabels": PolygonControl,
     "rectanglelabels": RectangleControl,
+    "keypointlabels": KeyPointControl,     # prompts only (LabelConfig.prompt_controls)
 }
 
 
@@ -187,6 +188,11 @@ class LabelConfig:
     @property
     def region_controls(self) -> list[Control]:
         return [c for c in self.controls if c.is_region]
+
+    @property
+    def mask_controls(self) -> list[Control]:
+        """The BrushLabels and PolygonLabels controls: those that take a mask (a smart tool's answer)."""
+        return [c for c in self.controls if isinstance(c, (BrushControl, PolygonControl))]
 
     @property
     def choices_controls(self) -> list[ChoicesControl]:
@@ -255,7 +261,7 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
             names = ", ".join(repr(n) for n in (ct.to_name or [])) or "nothing"
             skipped[ct.name] = f"<{ct.tag}> is not bound to an Image (its toName names {names})"
             continue
-        cls = CONTROL_CLASSES.get(kind) or (KeyPointControl if kind == KeyPointControl.type else None)
+        cls = CONTROL_CLASSES.get(kind)
         if cls is None:
             skipped[ct.name] = (f"<{ct.tag}> is not supported (supported: Choices, BrushLabels, "
                                 "PolygonLabels, RectangleLabels)")
@@ -274,7 +280,9 @@ def parse_label_config(xml: str, image_name: str | None = None) -> LabelConfig:
                                          mapping=mapping, attrs=attrs))
 
     if image_name is None:
-        image_name = next((n for n, cs in per_image.items() if cs), images[0].name)
+        # the first Image with a control that receives results (KeyPointLabels only prompt)
+        image_name = next((n for n, cs in per_image.items() if any(not isinstance(c, KeyPointControl) for c in cs)),
+                          images[0].name)
     prompts = [c for c in per_image[image_name] if isinstance(c, KeyPointControl)]
     controls = [c for c in per_image[image_name] if not isinstance(c, KeyPointControl)]
     for other, cs in per_image.items():

@@ -44,7 +44,6 @@ __all__ = ["MAX_CONTEXT_REGIONS", "PROMPT_TYPES", "SmartPrompt", "is_interactive
 
 MAX_CONTEXT_REGIONS = 64          # smart-tool regions in one request (Label Studio sends a handful)
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
-_TARGETS = ("brushlabels", "polygonlabels")
 
 Pct = tuple[float, float]
 
@@ -120,7 +119,7 @@ def _label_of(item: Mapping[str, Any], kind: str, config: LabelConfig, index: in
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise ValueError(f"smart-tool region {index} names no label (value.{kind} must be a list of label names)")
     name = names[0]
-    targets = [c for c in config.region_controls if c.type in _TARGETS]
+    targets = config.mask_controls
     for control in targets:
         label = control.match(name)
         if label is not None:

@@ -181,17 +181,14 @@ class PredictionQueue:
         """One entry per task, in order (see the module docstring). Raises RedisUnavailable. `context`:
         Label Studio's ``params.context``; smart-tool regions in it make the tasks interactive: one
         ``interactive`` job, waited for, never answered from the cache nor pushed."""
-        from backend.labelstudio.context import is_interactive, parse_context
+        from backend.serving.interactive import request_prompts
 
         config = model.use_label_config(None)
         version = model.model_version
         results: list[dict | None] = [None] * len(tasks)
-        try:
-            prompts = [p.to_json() for p in parse_context(context, config)]
-        except ValueError as exc:
-            return [{"model_version": version, "score": 0.0, "error": str(exc)} for _ in tasks]
-        if is_interactive(context) and not prompts:   # the smart tool's regions were removed: nothing to show
-            return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        prompts, answer = request_prompts(context, config, version, len(tasks))
+        if answer is not None:      # a malformed context, or a smart tool's regions removed
+            return answer
         pending, refused = self._job_tasks(tasks, config, prompts)
         for i, reason in refused.items():
             results[i] = {"model_version": version, "score": 0.0, "error": reason}

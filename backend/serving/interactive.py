@@ -5,8 +5,8 @@ The prompts come from ``params.context`` (:func:`backend.labelstudio.context.par
 becomes one mask through :class:`explainers.segment.interactive.PromptSegmenter` on the process's
 engine (``backend.serving.engine.get_engine``, under its inference lock), with the project's promoted
 heads set as for any prediction, so a label the project's classifier head learnt has class evidence
-too. A label the engine cannot segment (ImageNet lacks it, no head knows it) is cut out by the
-geometry alone (GrabCut in the box or around the clicks). The masks go to the config's BrushLabels and
+too. A label the engine cannot segment (ImageNet lacks it, no head knows it) is cut out without class
+evidence (a box: by the CNN's features inside it against its surroundings; clicks: by GrabCut around them). The masks go to the config's BrushLabels and
 PolygonLabels controls that have the label (``backend.labelstudio.results.photo_to_results``); a
 prompt whose mask comes out empty is named in the prediction's ``"warnings"``.
 
@@ -14,6 +14,8 @@ Interactive tasks are never answered from the result cache nor stored in it (the
 the prompt), and are never pushed to Label Studio as predictions: the annotator's UI shows the answer
 as a suggestion.
 
+    prompts, answer = request_prompts(context, config, version, n_tasks)   # what the web process and the
+                                                      # job queue do first with a request's params.context
     prediction = predict_prompts(model, image, config, prompts, version=None)
 """
 from __future__ import annotations
@@ -21,15 +23,31 @@ from __future__ import annotations
 import logging
 
 from backend.labelstudio.config import LabelConfig
-from backend.labelstudio.context import SmartPrompt
+from backend.labelstudio.context import SmartPrompt, is_interactive, parse_context
 from backend.labelstudio.results import photo_to_results
 from backend.serving.engine import get_engine
+from backend.serving.failures import task_failure_reason
 
-__all__ = ["TARGET_TYPES", "predict_prompts"]
+__all__ = ["predict_prompts", "request_prompts"]
 
 log = logging.getLogger(__name__)
 
-TARGET_TYPES = ("brushlabels", "polygonlabels")
+
+def request_prompts(context, config: LabelConfig, version: str, n_tasks: int) -> tuple[list[dict], list[dict] | None]:
+    """(The prompts of a request's ``params.context`` as JSON, for the predict function's tasks
+    (``backend.labelstudio.tasks.with_prompts``; [] for a plain prediction); the entries to answer the
+    request's `n_tasks` tasks with at once, or None). At once: a malformed context fails every task
+    with its sentence; a smart tool's context whose regions were removed gets empty results (not the
+    whole pre-annotation as suggestions)."""
+    try:
+        prompts = [p.to_json() for p in parse_context(context, config)]
+    except ValueError as exc:
+        reason = task_failure_reason(exc)
+        log.warning("params.context refused: %s", reason)
+        return [], [{"model_version": version, "score": 0.0, "error": reason} for _ in range(n_tasks)]
+    if is_interactive(context) and not prompts:
+        return [], [{"result": [], "score": 0.0, "model_version": version} for _ in range(n_tasks)]
+    return prompts, None
 
 
 def predict_prompts(model, image, config: LabelConfig, prompts: list[SmartPrompt], version: str | None = None) -> dict:
@@ -59,8 +77,7 @@ def predict_prompts(model, image, config: LabelConfig, prompts: list[SmartPrompt
                 notes.append(f"The smart tool's {'box' if box else 'clicks'} on {p.label!r} gave an empty mask.")
             masks.append(tm)
     photo = PhotoResult(width=w, height=h, tags=masks)
-    controls = [c for c in config.region_controls if c.type in TARGET_TYPES]
-    result = photo_to_results(photo, config, controls=controls)
+    result = photo_to_results(photo, config, controls=config.mask_controls)
     score = min((tm.score for tm in masks), default=0.0)
     prediction = {"result": result, "score": round(float(score), 4), "model_version": str(version)}
     if notes:

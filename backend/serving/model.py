@@ -40,11 +40,11 @@ import logging
 from dataclasses import replace
 
 from backend.labelstudio.annotations import TRAINING_EVENTS
-from backend.labelstudio.context import is_interactive, parse_context
 from backend.labelstudio.photos import ImageFetcher
 from backend.labelstudio.tasks import job_task, with_prompts
 from backend.queue.retry import TransientError
 from backend.serving.failures import is_input_error
+from backend.serving.interactive import request_prompts
 from backend.serving.predict import predict_chunk, task_error
 from backend.serving.project_model import ProjectModel
 from backend.settings import Settings
@@ -80,12 +80,9 @@ class Tag2MaskModel(ProjectModel):
         version = self.model_version
         out: list[dict | None] = [None] * len(tasks)
         todo: list[tuple[int, dict]] = []
-        try:
-            prompts = [p.to_json() for p in parse_context(context, config)]
-        except ValueError as exc:   # a malformed context fails its tasks, with the sentence
-            return [self._failed(task, exc, version) for task in tasks]
-        if is_interactive(context) and not prompts:   # the smart tool's regions were removed: nothing to show
-            return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        prompts, answer = request_prompts(context, config, version, len(tasks))
+        if answer is not None:      # a malformed context, or a smart tool's regions removed
+            return answer
         for i, task in enumerate(tasks):
             try:
                 todo.append((i, with_prompts(job_task(task, config), prompts)))
