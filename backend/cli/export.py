@@ -132,9 +132,10 @@ def _categories(args, tasks: list) -> tuple[list[str], dict[str, str]]:
 def cmd_export(args) -> int:
     from tqdm import tqdm
 
+    from backend.cli.labeling import unique_name
     from backend.datasets.files import write_json
     from backend.datasets.from_labelstudio import read_task, task_name
-    from backend.datasets.instances import Segment, unique_name
+    from backend.datasets.instances import Segment
 
     formats = dataset_formats(args, label=False)
     if not formats:

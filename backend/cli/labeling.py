@@ -49,7 +49,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 __all__ = [
     "IMAGE_EXTENSIONS", "PhotoItem", "PhotoError", "PhotoRecord", "LabelSummary", "collect_photos",
-    "read_tags_csv", "tags_for", "label_config_for", "image_url", "mask_filename", "label_photos",
+    "read_tags_csv", "tags_for", "unique_name", "label_config_for", "image_url", "mask_filename", "label_photos",
     "write_json", "UNUSABLE_TAG_HINT",
 ]
 
@@ -135,7 +135,7 @@ def collect_photos(paths: Iterable[str | os.PathLike], exclude: Iterable[str | o
         if key in seen:
             return
         seen.add(key)
-        items.append(PhotoItem(path=path, rel=rel, name=_unique(path.stem or "photo", names)))
+        items.append(PhotoItem(path=path, rel=rel, name=unique_name(path.stem, names)))
 
     for raw in paths:
         p = Path(raw)
@@ -153,7 +153,9 @@ def collect_photos(paths: Iterable[str | os.PathLike], exclude: Iterable[str | o
     return items, errors
 
 
-def _unique(stem: str, taken: set[str]) -> str:
+def unique_name(stem: str, taken: set[str]) -> str:
+    """`stem` (``photo`` when empty), or `stem-2`, `stem-3`... the first not in `taken` (which it is added to)."""
+    stem = stem or "photo"
     name, k = stem, 2
     while name in taken:
         name, k = f"{stem}-{k}", k + 1
@@ -247,10 +249,10 @@ def mask_filename(tag: str) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON (indented) atomically (backend.datasets.files.write_text: a reader never sees half a file)."""
+    from backend.datasets.files import write_text
+
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 # -- the batch ------------------------------------------------------------------------------------

@@ -151,10 +151,7 @@ def _find_photo(ref: str, root: Path | None) -> Path:
     if root is not None:
         from backend.labelstudio.export import resolve_export_image
 
-        found = resolve_export_image(ref, root)
-        if found is None:               # a local path (tag2mask label's tasks.json) inside the root
-            local = _local_file(ref)
-            found = local.resolve() if local is not None and local.resolve().is_relative_to(root) else None
+        found = resolve_export_image(ref, root)     # also a local path inside the root (tag2mask label's)
         if found is None:
             raise ValueError(f"its photo {clip(ref)!r} is not under {root}")
         return found

@@ -14,7 +14,6 @@ Public API::
     inst.bbox -> (x, y, w, h); inst.area -> pixels; inst.full_mask(h, w) -> bool (H, W)
     inst.outline() -> [(x, y), ...] | None       # outer contour in pixels (holes not outlined)
     photo.dropped_pixels                         # speck pixels left out
-    name = unique_name("a", taken)               # "a", then "a-2", "a-3" ... (adds to `taken`)
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ __all__ = [
     "PhotoInstances",
     "Segment",
     "photo_instances",
-    "unique_name",
 ]
 
 
@@ -148,13 +146,3 @@ def photo_instances(image: str | Path, name: str, width: int, height: int, segme
             score = None if seg.score is None else float(seg.score)
             photo.instances.append(Instance(seg.tag, cat, x, y, comp[y:y + h, x:x + w] == k, score))
     return photo
-
-
-def unique_name(stem: str, taken: set[str]) -> str:
-    """`stem`, or `stem-2`, `stem-3`... the first not in `taken` (which it is added to)."""
-    stem = stem or "photo"
-    name, k = stem, 2
-    while name in taken:
-        name, k = f"{stem}-{k}", k + 1
-    taken.add(name)
-    return name

@@ -39,7 +39,7 @@ def resolve_export_image(ref: str, root: Path) -> Path | None:
         candidates.append(parsed.netloc + path)
         candidates.append(path)
     elif not path.startswith("/data/"):   # Label Studio's own routes are /data/upload/, /data/local-files/
-        if not parsed.scheme and Path(path).is_absolute():
+        if parsed.scheme in ("", "file") and Path(path).is_absolute():
             try:
                 rel_to_root = Path(path).resolve().relative_to(root)   # a local path inside the root itself
                 candidates.append(str(rel_to_root))
