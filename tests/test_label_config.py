@@ -52,6 +52,15 @@ def test_only_controls_of_the_image_are_kept():
     assert [c.from_name for c in cfg.prompt_controls] == ["kp"]
 
 
+def test_an_image_with_only_smart_keypoints_is_not_the_default_image():
+    xml = """<View><Image name="a" value="$a"/><Image name="b" value="$b"/>
+      <KeyPointLabels name="ka" toName="a" smart="true"><Label value="Cat"/></KeyPointLabels>
+      <BrushLabels name="bb" toName="b"><Label value="Cat"/></BrushLabels></View>"""
+    cfg = parse_label_config(xml)
+    assert cfg.image_name == "b" and [c.from_name for c in cfg.controls] == ["bb"]
+    assert [c.from_name for c in cfg.mask_controls] == ["bb"]
+
+
 def test_image_chosen_by_name_when_several():
     xml = """<View><Image name="a" value="$a"/><Image name="b" value="$b"/>
       <PolygonLabels name="pa" toName="a"><Label value="Cat"/></PolygonLabels>
