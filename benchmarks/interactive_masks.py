@@ -7,7 +7,9 @@ Objects:
 - ``coco``: coco128_dev's thing objects, approximated as connected components (at least 1 % of the photo)
   of each thing class's mask (touching instances of a class form one object: the set has class-id
   masks, no instances), tag = the class name (classes ImageNet cannot name get the geometry alone);
-  the box grown by 5 % as above.
+  the box grown by 5 % as above;
+- ``msrc_dev`` / ``msrc_test``: MSRC-v2's 16 object classes (face and body included), components as for
+  COCO, in the split's photos; its void pixels (255) are left out of the scores.
 
 The click is the object pixel farthest from its outline (where an annotator clicks "on" it). Scores:
 fg IoU of the answer against the object's mask, mean over objects, and pooled over pixels; p50 / p90
@@ -36,6 +38,8 @@ from horses import HORSE_DIR, spread
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO = Path(os.environ.get("TAG2MASK_COCO_DIR", DATA / "coco128_dev"))
+MSRC = Path(os.environ.get("TAG2MASK_MSRC_DIR", DATA / "msrc_v2"))
+MSRC_STUFF = {"building", "grass", "tree", "sky", "mountain", "water", "road"}
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Obj:
     mask: np.ndarray        # bool, the object
     tag: str
     name: str
+    valid: np.ndarray | None = None     # pixels that count (None: all)
 
 
 def grown_box(mask: np.ndarray, grow: float = 0.05) -> tuple[float, float, float, float]:
@@ -91,6 +96,25 @@ def coco_objects(limit: int | None, min_area: float = 0.01) -> list[Obj]:
     return spread(out, limit)
 
 
+def msrc_objects(split: str, limit: int | None, min_area: float = 0.01) -> list[Obj]:
+    from PIL import Image
+
+    classes = dict(line.split(None, 1) for line in (MSRC / "classes.txt").read_text().splitlines() if line.strip())
+    out = []
+    for stem in (MSRC / f"split_{split}.txt").read_text().split():
+        gt = np.asarray(Image.open(MSRC / "masks" / f"{stem}.png"))
+        valid = gt != 255
+        for cid in np.unique(gt[valid]):
+            name = classes.get(str(int(cid)), "").strip()
+            if not name or name in MSRC_STUFF:
+                continue
+            n, comp, stats, _ = cv2.connectedComponentsWithStats((gt == cid).astype(np.uint8), connectivity=8)
+            for i in range(1, n):
+                if stats[i, cv2.CC_STAT_AREA] >= min_area * gt.size:
+                    out.append(Obj(MSRC / "images" / f"{stem}.png", comp == i, name, f"{stem}:{name}:{i}", valid))
+    return spread(out, limit)
+
+
 def run(objects: list[Obj], segmenter, mode: str) -> dict:
     from explainers.imageio import load_image
     from explainers.metrics import iou
@@ -108,6 +132,8 @@ def run(objects: list[Obj], segmenter, mode: str) -> dict:
         tag = o.tag if segmenter.engine is not None and segmenter.engine.can_segment(o.tag) else None
         pred = segmenter(image, prompt, tag).mask
         secs.append(time.perf_counter() - t)
+        if o.valid is not None:
+            pred = pred & o.valid
         ious.append(iou(pred, o.mask))
         with_prior.append(tag is not None)
         inter += int(np.logical_and(pred, o.mask).sum())
@@ -144,7 +170,9 @@ def main(argv=None) -> int:
     segmenter = PromptSegmenter(engine, cfg)
     makers = {"horse_train": lambda: horse_objects("train", args.limit),
               "horse_test": lambda: horse_objects("test", args.limit),
-              "coco": lambda: coco_objects(args.limit)}
+              "coco": lambda: coco_objects(args.limit),
+              "msrc_dev": lambda: msrc_objects("dev", args.limit),
+              "msrc_test": lambda: msrc_objects("test", args.limit)}
     print(f"prior: {'off' if engine is None else args.backbone + '/' + args.preset}; settings: {cfg}")
     print(f"{'set':12s} {'mode':6s} {'objects':>7s} {'mean fg IoU':>11s} {'pooled':>7s} {'p50 s':>6s} {'p90 s':>6s}  (with class evidence | geometry only)")
     for name in args.sets.split(","):
