@@ -110,7 +110,7 @@ class ClassifierHead(nn.Module):
     """
 
     def __init__(self, in_features: int, labels: Sequence[str], dropout: float = 0.0,
-                 negatives: Sequence[int] | None = None):
+                 negatives: Sequence[int] | None = None, cam_weights: bool = False):
         super().__init__()
         self.labels = _check_labels(labels)
         # training photos WITHOUT each label (None: unknown, e.g. an older checkpoint): a label the head
@@ -126,6 +126,13 @@ class ClassifierHead(nn.Module):
         self.linear = nn.Linear(self.in_features, len(self.labels))
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
+        # directions of its class activation maps when they were fitted apart from the (calibrated)
+        # probabilities' weights (explainers.head_training.train_classifier); None: the same weights
+        self.register_buffer("cam_weight", torch.zeros(len(self.labels), self.in_features) if cam_weights else None)
+
+    def map_weight(self) -> torch.Tensor:
+        """(K, C) the channel weights of the label maps (:mod:`explainers.segment.head_cam`)."""
+        return self.cam_weight if self.cam_weight is not None else self.linear.weight
 
     @torch.no_grad()
     def set_normalization(self, features: torch.Tensor) -> None:
@@ -164,12 +171,14 @@ class ClassifierHead(nn.Module):
                 "dropout": self.dropout_p}
         if self.negatives is not None:
             spec["negatives"] = list(self.negatives)
+        if self.cam_weight is not None:
+            spec["cam_weights"] = True
         return spec
 
     @classmethod
     def from_spec(cls, spec: dict) -> "ClassifierHead":
         return cls(int(spec["in_features"]), list(spec["labels"]), float(spec.get("dropout", 0.0)),
-                   spec.get("negatives"))
+                   spec.get("negatives"), bool(spec.get("cam_weights", False)))
 
 
 class SegHead(nn.Module):

@@ -2,7 +2,8 @@
 
 Built from a :class:`~explainers.training.TrainResult` or a checkpoint dict
 (:meth:`ProjectHeads.from_checkpoint`); carries the fusion choice made on validation
-(``fusion_weight``, ``fusion`` per label) that :class:`~explainers.segment.Tag2Mask` reads.
+(``fusion_weight``, ``fusion`` per label) that :class:`~explainers.segment.Tag2Mask` reads, and the
+project's label frequencies (``tag_prior``) that weigh an untagged photo's tag scores.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from explainers.backbones import Backbone
 from explainers.heads import BackboneFeatures, ClassifierHead, SegHead
+from explainers.tag_choice import TagPrior
 
 __all__ = ["ProjectHeads"]
 
@@ -26,8 +28,9 @@ class ProjectHeads:
 
     def __init__(self, backbone: Backbone, classifier: ClassifierHead | None, segmenter: SegHead | None,
                  layers: Sequence[str], size: int, fusion_weight: float | None = None,
-                 fusion: dict | None = None):
+                 fusion: dict | None = None, tag_prior: TagPrior | None = None):
         self.backbone = backbone
+        self.tag_prior = tag_prior     # the project's label frequencies (explainers.tag_choice), None: unknown
         self.fusion_weight = None if fusion_weight is None else float(fusion_weight)   # chosen on validation
         # per label, chosen on validation: {label: {"weight", "crf"}} (Tag2Mask.fusion_for); older
         # checkpoints have only fusion_weight
@@ -51,7 +54,7 @@ class ProjectHeads:
             head.load_state_dict(part["state"])
             return head
         return cls(backbone, unpack("classifier"), unpack("segmenter"), ckpt["layers"], ckpt["size"],
-                   ckpt.get("fusion_weight"), ckpt.get("fusion"))
+                   ckpt.get("fusion_weight"), ckpt.get("fusion"), TagPrior.from_dict(ckpt.get("tag_prior")))
 
     @property
     def labels(self) -> list[str]:

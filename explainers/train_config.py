@@ -24,7 +24,9 @@ class TrainConfig:
     # classifier head
     clf_epochs: int = 300           # full-batch steps
     clf_lr: float = 0.05
-    clf_weight_decay: float = 1e-2
+    clf_weight_decay: float = 1e-2  # AdamW's decoupled decay of the map directions (explainers.head_training)
+    clf_l2: float = 3e-3            # L2 penalty on the probabilities' weights (not the biases), added to the mean
+    #                                 BCE: keeps them calibrated (a tag is chosen by them); 0 = one unpenalised fit
     # segmentation head
     seg_epochs: int = 40
     seg_lr: float = 3e-3

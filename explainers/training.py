@@ -58,6 +58,7 @@ from explainers.heads import BackboneFeatures, ClassifierHead, SegHead
 from explainers.project_heads import ProjectHeads
 from explainers.samples import Sample, split_samples
 from explainers.seg_targets import PseudoMasks, seg_targets
+from explainers.tag_choice import TagPrior, count_labels
 from explainers.train_config import TrainConfig
 from explainers.train_metrics import average_precision, fg_iou_scores, tag_metrics
 
@@ -87,11 +88,13 @@ class TrainResult:
     fusion_weight: float | None = None   # the seg head's fusion weight chosen on validation (None: the default)
     fusion: dict = field(default_factory=dict)   # label -> {"weight", "crf"} chosen on validation per label
     refit_keys: list[str] = field(default_factory=list)   # the examples the served heads were refit on
+    tag_prior: TagPrior | None = None    # how often each label was annotated, over every example (tag choice)
 
     def checkpoint(self) -> dict:
         """Everything a worker needs, as plain types + tensors (``torch.load(weights_only=True)``-safe);
         ``"fusion_weight"`` and ``"fusion"`` (per label) only when chosen
-        (:mod:`explainers.segment.fusion_tuning`)."""
+        (:mod:`explainers.segment.fusion_tuning`); ``"tag_prior"``: the label counts of
+        :class:`explainers.tag_choice.TagPrior`."""
         def pack(head):
             if head is None:
                 return None
@@ -100,6 +103,8 @@ class TrainResult:
                 "labels": list(self.labels), "classifier": pack(self.classifier), "segmenter": pack(self.segmenter)}
         if self.fusion_weight is not None:
             ckpt["fusion_weight"] = float(self.fusion_weight)
+        if self.tag_prior is not None:
+            ckpt["tag_prior"] = self.tag_prior.to_dict()
         if self.fusion:
             ckpt["fusion"] = {str(label): {"weight": float(c["weight"]), "crf": bool(c.get("crf", True))}
                               for label, c in self.fusion.items()}
@@ -222,9 +227,11 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         "positives": {label: int(v) for label, v in zip(labels, tag_matrix(train, labels).sum(0).tolist())},
         "skipped": skipped,
     }
+    every = [*samples, *(validation or [])]
     return TrainResult(labels=labels, classifier=classifier, segmenter=segmenter, validation=scores, counts=counts,
                        seconds=seconds, backbone=backbone.name, layers=list(features.layers), size=cfg.size,
-                       config=asdict(cfg), train_keys=[str(s.key) for s in train], val_keys=[str(s.key) for s in val])
+                       config=asdict(cfg), train_keys=[str(s.key) for s in train], val_keys=[str(s.key) for s in val],
+                       tag_prior=count_labels([s.all_tags() for s in every]))
 
 
 def refit_heads(backbone: Backbone, result: TrainResult, samples: Sequence[Sample], config: TrainConfig | None = None,

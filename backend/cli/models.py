@@ -9,6 +9,14 @@ from backend.cli.common import EXIT_FAILED, EXIT_OK, UsageError, registry_of
 
 
 # -- models -------------------------------------------------------------------------------------------
+def _tag_counts(prior: dict | None) -> str:
+    """'horse:20,dog:3/20': how many of the annotated photos carried each label (the tag choice's prior)."""
+    if not prior:
+        return "-"
+    counts = ",".join(f"{k}:{v}" for k, v in sorted(prior.get("counts", {}).items(), key=lambda kv: -kv[1]))
+    return f"{counts or 'none'}/{prior.get('photos', 0)}"
+
+
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
@@ -79,7 +87,7 @@ def cmd_models(args) -> int:
                     note = "" if not promo or promo.get("promoted") else f"  refused: {promo.get('reason')}"
                     print(f"  {'*' if m.get('current') else ' '} {m['version']:<5} {str(m.get('created', ''))[:19]:<19} "
                           f"labels={','.join(m.get('labels') or [])} train={c.get('train', '-')} val={c.get('val', '-')} "
-                          f"refit={c.get('refit', '-')} "
+                          f"refit={c.get('refit', '-')} tags={_tag_counts(m.get('tag_prior'))} "
                           f"map={_fmt(v.get('map'))} f1={_fmt(v.get('f1'))} fg_iou={_fmt(v.get('fg_iou'))} "
                           f"pipe={_fmt(v.get('pipeline_fg_iou'))} "
                           f"fusion={_fusion_weight(v.get('fusion'))} parent={m.get('parent') or '-'}{note}")

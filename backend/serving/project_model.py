@@ -16,9 +16,13 @@ build one per labeling config, project and version; the web process's
 
 Tags for a photo: its human tags when the task has an annotation with Choices on the Image (chosen by
 :func:`backend.labelstudio.tasks.choose_tags`). Otherwise the classifier picks: the config's labels
-whose ``tag_scores`` >= TAG2MASK_THRESHOLD (best first, at most TAG2MASK_MAX_TAGS); when none passes,
+whose ``choice_scores`` >= TAG2MASK_THRESHOLD (best first, at most TAG2MASK_MAX_TAGS); when none passes,
 the single best label is used anyway (a low-confidence pre-annotation is still a useful start, and its
-low score sorts it first for review). A label is usable when the engine can segment it
+low score sorts it first for review). Once the project has a trained version, the scores follow what
+it was annotated with: labels its classifier head learnt (present and absent) take the head's
+probability, the others ImageNet's moved by how often the label was annotated
+(:class:`explainers.tag_choice.TagPrior`): a project annotated "horse" in all of 20 photos stops
+answering "dog" for the next horse. A label is usable when the engine can segment it
 (``engine.can_segment``): the ImageNet classifier names it, or the project's promoted classifier head
 was trained on it. Other labels are left out, with a warning once per config. An annotated tag that is
 not usable is left out of that photo alone: the others are segmented and the prediction's
@@ -54,6 +58,7 @@ from backend.serving.heads import get_heads_cache
 from backend.serving.versions import base_model_version, current_model_version, project_model_version
 from backend.settings import Settings
 from backend.untrusted import clip
+from explainers.tag_choice import choose_tags
 
 __all__ = ["ProjectModel", "MAX_ECHOED_TAG_CHARS"]
 
@@ -205,9 +210,9 @@ class ProjectModel:
                   ) -> tuple[list[str], dict[str, str]]:
         """(The tags to segment in one photo, {annotated tag left out: why}): the annotated ones among
         `usable` (the others are left out with their reason; none usable: ValueError naming every
-        reason), else the `usable` labels whose score (``engine.tag_scores``: the ImageNet classifier's,
-        or the project's classifier head's for its own labels) passes the threshold (at least the best
-        one)."""
+        reason), else the `usable` labels whose score (``engine.choice_scores``: the ImageNet classifier's
+        weighed by the project's label frequencies, or the project's classifier head's for its own
+        labels) passes the threshold (at least the best one; :func:`explainers.tag_choice.choose_tags`)."""
         from backend.labelstudio.results import no_usable_tag_message
 
         if human:
@@ -219,8 +224,6 @@ class ProjectModel:
             return tags, skipped
         if not usable:
             raise ValueError("no label of the labeling config maps to a classifier class or a trained head's label")
-        scores = engine.tag_scores(image, usable)
-        ranked = sorted(usable, key=lambda t: -scores[t])
-        tags = [t for t in ranked if scores[t] >= self.settings.threshold][: max(1, self.settings.max_tags)]
-        return tags or ranked[:1], {}
+        scores = engine.choice_scores(image, usable)
+        return choose_tags(scores, self.settings.threshold, self.settings.max_tags), {}
 

@@ -182,10 +182,12 @@ class ModelRegistry:
 
     def save_result(self, project, result, **extra) -> str:
         """Save an :class:`explainers.training.TrainResult` with its meta (labels, counts, validation,
-        seconds, backbone, layers, size, config) plus `extra` (e.g. ``examples_revision=...``)."""
+        seconds, backbone, layers, size, config, the label counts of the tag choice) plus `extra` (e.g. ``examples_revision=...``)."""
         meta = {"labels": list(result.labels), "counts": result.counts, "validation": result.validation,
                 "seconds": result.seconds, "backbone": result.backbone, "layers": list(result.layers),
                 "size": result.size, "config": result.config, **extra}
+        if getattr(result, "tag_prior", None) is not None:
+            meta["tag_prior"] = result.tag_prior.to_dict()     # what the tag choice learnt from
         return self.save(project, result.checkpoint(), meta)
 
     def meta(self, project, version: str) -> dict:

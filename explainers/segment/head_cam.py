@@ -9,6 +9,9 @@ of label k is the spatial mean of
 
 plus a constant ``b_k - sum_c W[k, c] mean[c] / std[c]``. So a label ImageNet never had
 ("pony-photo") gets a map from the same features the ImageNet CAM reads, with no gradient pass.
+A head trained with its calibrating penalty (``TrainConfig.clf_l2``) carries a second, unpenalised
+set of directions (``ClassifierHead.cam_weight``): the maps use those, the probabilities the
+calibrated weights (:func:`explainers.head_training.train_classifier` says why).
 
 :class:`HeadCAM` makes those maps with the passes of the CAM stage
 (:func:`~explainers.segment.cam_stage.multi_scale`: the same pass sizes, scales and flip, ReLU at the
@@ -55,8 +58,9 @@ class HeadCAM:
             if name:
                 get_layer(backbone.model, name)   # a wrong name fails here, listing the valid ones
 
-    def weights(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, C) channel weights ``W / std`` and (K,) constants ``b - W mean / std`` of `labels`."""
+    def weights(self, labels: Sequence[str], maps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, C) channel weights ``W / std`` and (K,) constants ``b - W mean / std`` of `labels`: the
+        probabilities' weights, or with `maps` the maps' directions (``ClassifierHead.map_weight``)."""
         index = []
         for label in labels:
             if label not in self.classifier.labels:
@@ -64,7 +68,7 @@ class HeadCAM:
                                       f"(it knows {', '.join(self.classifier.labels)})")
             index.append(self.classifier.labels.index(label))
         clf = self.classifier
-        w = clf.linear.weight.detach().float()[index] / clf.std.float()
+        w = (clf.map_weight() if maps else clf.linear.weight).detach().float()[index] / clf.std.float()
         const = clf.linear.bias.detach().float()[index] - w @ clf.mean.float()
         return w, const
 
@@ -72,9 +76,11 @@ class HeadCAM:
     def layer_maps(self, x: torch.Tensor, labels: Sequence[str],
                    record: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """One forward pass of the batch `x`: the raw maps M_k (B, K, h, w) at the GAP layer's
-        resolution (before any ReLU; their spatial mean is the head's logit minus the constant of
-        :meth:`weights`), the head's logits (B, K), and the outputs of the extra layers `record`."""
+        resolution (before any ReLU; from the maps' directions, :meth:`weights` with ``maps``; with one
+        set of weights their spatial mean is the head's logit minus the constant), the head's logits
+        (B, K), and the outputs of the extra layers `record`."""
         w, const = self.weights(labels)
+        w_maps = self.weights(labels, maps=True)[0]
         names = list(dict.fromkeys([self.layer, *record]))
         with LayerRecorder(self.backbone.model, names) as rec:
             self.backbone.model(x)
@@ -82,8 +88,8 @@ class HeadCAM:
         if acts.shape[1] != w.shape[1]:
             raise ValueError(f"the classifier head takes {w.shape[1]} features, layer {self.layer!r} has "
                              f"{acts.shape[1]} channels: it was trained on another backbone")
-        maps = torch.einsum("kc,bchw->bkhw", w, acts)
-        logits = maps.mean(dim=(2, 3)) + const
+        logits = acts.mean(dim=(2, 3)) @ w.T + const
+        maps = torch.einsum("kc,bchw->bkhw", w_maps, acts)
         return maps, logits, {name: rec[name].detach() for name in record}
 
     @torch.no_grad()

@@ -438,6 +438,18 @@ class Tag2Mask:
             scores = {t: float(probs[classifier.labels.index(t)]) for t in head}
         return {tag: scores[tag] if tag in head else float(p[list(self.class_set(tag))].sum()) for tag in tags}
 
+    def choice_scores(self, image_rgb: np.ndarray, tags: Sequence[str]) -> dict[str, float]:
+        """The scores that choose an untagged photo's tags: :meth:`tag_scores`, where the project's heads
+        carry its label frequencies (``heads.tag_prior``, :class:`explainers.tag_choice.TagPrior`), those
+        of the tags the classifier head does not score moved by the label's prior log-odds (the head's
+        own scores hold the frequency already). Without heads or counts: :meth:`tag_scores`."""
+        scores = self.tag_scores(image_rgb, tags)
+        prior = getattr(self.heads, "tag_prior", None)
+        if prior is None:
+            return scores
+        head = set(self._head_tags(tags))
+        return {t: s if t in head else prior.adjust(t, s) for t, s in scores.items()}
+
     def classify(self, image_rgb: np.ndarray, top_k: int = 5) -> list[tuple[str, float]]:
         """The classifier's own top tags: class probabilities summed per tag (tag_for_class), best first."""
         from explainers.tags import tag_for_class
