@@ -122,6 +122,7 @@ class Settings:
     batch_chunk: int = 8
     batch_size: int = 8
     train_min_new: int = 10
+    self_train: int = 0             # >0: trainings self-train on the tags-only examples when at least this many
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks: int = 10000
     threads: int | None = None
@@ -166,6 +167,7 @@ class Settings:
             batch_chunk=int(e.get("TAG2MASK_BATCH_CHUNK") or 8),
             batch_size=int(e.get("TAG2MASK_BATCH_SIZE") or 8),
             train_min_new=int(e.get("TRAIN_MIN_NEW") or 10),
+            self_train=int(e.get("TAG2MASK_SELF_TRAIN") or 0),
             max_request_bytes=int(e.get("TAG2MASK_MAX_REQUEST_BYTES") or 64 * 1024 * 1024),
             max_tasks=int(e.get("TAG2MASK_MAX_TASKS") or 10000),
             threads=int(e["TAG2MASK_THREADS"]) if (e.get("TAG2MASK_THREADS") or "").strip() else None,

@@ -145,7 +145,8 @@ def _validate(heads: ProjectHeads, entries: Sequence[dict], val: Sequence[Sample
 def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[str] | None = None,
                 config: TrainConfig | None = None, cache: FeatureCache | None = None,
                 train_classifier_head: bool = True, train_seg_head: bool = True,
-                validation: Sequence[Sample] | None = None, init_segmenter: SegHead | None = None) -> TrainResult:
+                validation: Sequence[Sample] | None = None, init_segmenter: SegHead | None = None,
+                pseudo_targets: dict | None = None) -> TrainResult:
     """Split, extract features (cached), train both heads, validate. See the module docstring.
 
     `labels` fixes the label order (default: every tag/region label seen, sorted). `validation`
@@ -153,6 +154,9 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
     at least one training sample has a mask or a box. Samples whose photo cannot be loaded are left
     out and listed in ``counts["skipped"]`` ({key: reason}); ValueError when no training photo loads.
     `init_segmenter`: train the seg head on from a copy of this one (:func:`refit_heads`).
+    `pseudo_targets`: {sample key: (target, weight) (K, out, out) in `labels` order} for samples
+    without masks or boxes (self-training, :func:`explainers.self_training.pseudo_training_targets`):
+    those samples train the seg head on them too; a sample's own masks and boxes always win.
     """
     cfg = config or TrainConfig()
     if not samples:
@@ -201,13 +205,19 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         seconds["classifier"] = time.perf_counter() - t
 
     segmenter = None
-    seg_train = [(e, s) for e, s in zip(train_entries, train) if s.has_regions]
+    from_pseudo = pseudo_targets or {}
+    seg_train = [(e, s) for e, s in zip(train_entries, train) if s.has_regions or str(s.key) in from_pseudo]
     if train_seg_head and seg_train:
         pseudo.complete(train)
         if pseudo.by_key:
             seconds["box_masks"] = pseudo.seconds
         t = time.perf_counter()
-        pairs = [(e, seg_targets(s, labels, out, cfg, pseudo.get(s))) for e, s in zip(train_entries, train)]
+
+        def targets_of(s):
+            if not s.has_regions and str(s.key) in from_pseudo:
+                return from_pseudo[str(s.key)]
+            return seg_targets(s, labels, out, cfg, pseudo.get(s))
+        pairs = [(e, targets_of(s)) for e, s in zip(train_entries, train)]
         pairs = [(e, tw) for e, tw in pairs if tw is not None]
         segmenter = train_segmenter([e for e, _ in pairs], [tw for _, tw in pairs], labels, features.channels, cfg,
                                     init=init_segmenter)
@@ -224,6 +234,7 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         "train_with_masks": sum(1 for s in train if s.masks),
         "train_with_boxes": sum(1 for s in train if s.boxes and not s.masks),
         "train_tags_only": sum(1 for s in train if not s.has_regions),
+        "train_pseudo_masks": sum(1 for s in train if not s.has_regions and str(s.key) in from_pseudo),
         "positives": {label: int(v) for label, v in zip(labels, tag_matrix(train, labels).sum(0).tolist())},
         "skipped": skipped,
     }
@@ -235,7 +246,7 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
 
 
 def refit_heads(backbone: Backbone, result: TrainResult, samples: Sequence[Sample], config: TrainConfig | None = None,
-                cache: FeatureCache | None = None) -> TrainResult:
+                cache: FeatureCache | None = None, pseudo_targets: dict | None = None) -> TrainResult:
     """The heads of `result` trained once more on every example it used, validation ones included.
 
     After the validation split has chosen how the parts combine (``result.fusion``), nothing is left
@@ -243,7 +254,8 @@ def refit_heads(backbone: Backbone, result: TrainResult, samples: Sequence[Sampl
     validated seg head ``refit_epochs`` more epochs on all the examples at peak learning rate
     ``refit_lr``, and the classifier head anew on all of them (it takes a fraction of a second);
     "scratch" trains both anew on all, as :func:`train_heads` did; "off" (or no validation example)
-    returns `result` itself. `cache`: the one `result` was trained with (its features are reused).
+    returns `result` itself. `cache`: the one `result` was trained with (its features are reused);
+    `pseudo_targets`: those `result` was trained with (self-training).
 
     The returned result keeps `result`'s validation scores, fusion choice, train/validation keys
     and counts (those heads were validated on what), with ``counts["refit"]`` (examples refit on),
@@ -258,7 +270,7 @@ def refit_heads(backbone: Backbone, result: TrainResult, samples: Sequence[Sampl
     every = [s for s in samples if str(s.key) in used]
     t = time.perf_counter()
     kwargs = dict(labels=result.labels, cache=cache, validation=[], train_classifier_head=result.classifier is not None,
-                  train_seg_head=result.segmenter is not None)
+                  train_seg_head=result.segmenter is not None, pseudo_targets=pseudo_targets)
     if cfg.refit == "continue" and result.segmenter is not None:
         new = train_heads(backbone, every, config=replace(cfg, seg_epochs=max(1, cfg.refit_epochs), seg_lr=cfg.refit_lr),
                           init_segmenter=result.segmenter, **kwargs)

@@ -1,6 +1,7 @@
-"""``tag2mask label PATH... --tags T --out DIR [--format coco,yolo-seg,png]``: pre-label photos into a Label
-Studio import folder (backend.cli.labeling), optionally with a project's promoted heads, and into training
-datasets (backend.datasets) from the same results.
+"""``tag2mask label PATH... --tags T --out DIR [--format coco,yolo-seg,png] [--self-train]``: pre-label photos
+into a Label Studio import folder (backend.cli.labeling), optionally with a project's promoted heads or
+self-trained on the photos' own tags first (backend.cli.self_train), and into training datasets
+(backend.datasets) from the same results.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from backend.cli.common import (
     check_heads_args,
     check_tags,
     make_engine,
+    model_version,
+    registry_of,
     use_project_heads,
 )
 from backend.cli.export import dataset_formats, open_export
@@ -40,17 +43,28 @@ def cmd_label(args) -> int:
         raise UsageError(f"--out {out}: exists and is not a folder")
 
     formats = dataset_formats(args)
+    if args.self_train and args.model_dir:
+        Path(args.model_dir).mkdir(parents=True, exist_ok=True)     # a first self-training makes the registry
     check_heads_args(args)
     photos, errors = collect_photos(args.paths, exclude=[out])
     engine = make_engine(args)
-    version = use_project_heads(args, engine)
+    version = model_version(args) if args.self_train and not _has_promoted(args) else use_project_heads(args, engine)
     check_tags(engine, tags)
+    cleanup = None
+    if args.self_train:
+        from backend.cli.self_train import self_train_before_labelling
+
+        version, cleanup = self_train_before_labelling(args, engine, photos, tags, tags_map, version)
     # the datasets' categories: the batch's tags that can be segmented, in order (stable class ids)
     batch_tags = dict.fromkeys(t for p in photos for t in tags_for(p, tags, tags_map))
     export = open_export(args, out, formats, [t for t in batch_tags if engine.unusable_reason(t) is None])
-    summary = label_photos(photos, engine, out, tags=tags, tags_map=tags_map, errors=errors,
-                           image_root_url=args.image_root_url, label_config=config,
-                           model_version=version, progress=not args.quiet, writers=[export] if export else [])
+    try:
+        summary = label_photos(photos, engine, out, tags=tags, tags_map=tags_map, errors=errors,
+                               image_root_url=args.image_root_url, label_config=config,
+                               model_version=version, progress=not args.quiet, writers=[export] if export else [])
+    finally:
+        if cleanup is not None:
+            cleanup()
     n = summary.ok + len(summary.errors)
     line = f"labelled {summary.ok} of {n} photos in {summary.seconds:.1f} s -> {out}/tasks.json"
     if summary.errors:
@@ -63,9 +77,14 @@ def cmd_label(args) -> int:
     print(line)
     for note in export.lines if export else []:
         print(note)
-    if getattr(args, "project", None) is not None:
+    if getattr(args, "project", None) is not None or args.self_train:
         print(f"model version {version}")
     return summary.exit_status
+
+
+def _has_promoted(args) -> bool:
+    """Whether --project has a promoted version (a first --self-train of a project has none yet)."""
+    return args.project is not None and registry_of(args).current(str(args.project)) is not None
 
 
 def _read_label_config(path: str):

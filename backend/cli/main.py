@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_options(p)
     model_options(p)
     add_heads_options(p)
+    p.add_argument("--self-train", action="store_true",
+                   help="first train the seg head on these photos' own confident pseudo-masks (their tags only, no "
+                        "mask read), then label with it; with --project the version goes into --model-dir's registry")
     progress_option(p)
     p.set_defaults(func=cmd_label)
 

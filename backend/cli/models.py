@@ -9,6 +9,13 @@ from backend.cli.common import EXIT_FAILED, EXIT_OK, UsageError, registry_of
 
 
 # -- models -------------------------------------------------------------------------------------------
+def _pseudo(stats: dict | None) -> str:
+    """'14/16': the photos whose pseudo-masks trained the seg head (self-training), of those with tags only."""
+    if not stats:
+        return "-"
+    return f"{stats.get('used', 0)}/{stats.get('photos', 0)}"
+
+
 def _tag_counts(prior: dict | None) -> str:
     """'horse:20,dog:3/20': how many of the annotated photos carried each label (the tag choice's prior)."""
     if not prior:
@@ -88,6 +95,7 @@ def cmd_models(args) -> int:
                     print(f"  {'*' if m.get('current') else ' '} {m['version']:<5} {str(m.get('created', ''))[:19]:<19} "
                           f"labels={','.join(m.get('labels') or [])} train={c.get('train', '-')} val={c.get('val', '-')} "
                           f"refit={c.get('refit', '-')} tags={_tag_counts(m.get('tag_prior'))} "
+                          f"pseudo={_pseudo(m.get('self_training'))} "
                           f"map={_fmt(v.get('map'))} f1={_fmt(v.get('f1'))} fg_iou={_fmt(v.get('fg_iou'))} "
                           f"pipe={_fmt(v.get('pipeline_fg_iou'))} "
                           f"fusion={_fusion_weight(v.get('fusion'))} parent={m.get('parent') or '-'}{note}")

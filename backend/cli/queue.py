@@ -61,8 +61,14 @@ def _connect():
 def _progress_line(p: dict) -> str:
     rate = f"{p['rate']:.2f} tasks/s" if p.get("rate") else "rate -"
     eta = f"ETA {p['eta_s']:.0f} s" if p.get("eta_s") is not None else "ETA -"
-    return (f"project {p['project']}: {p['tasks']} tasks in {p['jobs']} jobs: {p['queued']} queued, "
+    line = (f"project {p['project']}: {p['tasks']} tasks in {p['jobs']} jobs: {p['queued']} queued, "
             f"{p['running']} running, {p['done']} done, {p['failed']} failed; {rate}, {eta}")
+    training = p.get("training")
+    if training:
+        line += f"; training {training['status']}"
+        if training.get("stage") and training.get("total"):
+            line += f" ({training['stage']} {training['done']}/{training['total']})"
+    return line
 
 
 def cmd_jobs(args) -> int:
@@ -98,8 +104,12 @@ def cmd_jobs(args) -> int:
                                 eta=f"{progress['eta_s']:.0f}s" if progress.get("eta_s") is not None else "-",
                                 refresh=False)
                 bar.refresh()
-                if progress["queued"] + progress["running"] == 0:
+                training = progress.get("training") or {}
+                if progress["queued"] + progress["running"] == 0 and training.get("status") not in ("queued", "started"):
                     break
+                if training.get("status") == "started" and training.get("total"):
+                    bar.set_description(f"project {args.project} ({training['stage']} "
+                                        f"{training['done']}/{training['total']})", refresh=False)
                 time.sleep(args.interval)
                 progress = project_progress(conn, args.project)
         finally:

@@ -24,7 +24,7 @@ from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from backend.storage.keys import digest, namespace, project_jobs_key
+from backend.storage.keys import digest, latest_train_job_key, namespace, project_jobs_key
 from backend.storage.result_cache import normalize_tags
 
 __all__ = ["QueueSpec", "PRIORITIES", "QUEUE_SPECS", "queue_name", "get_queue", "get_queues", "job_id_for",
@@ -187,7 +187,9 @@ def job_info(connection: redis.Redis, job_id: str) -> dict | None:
 
 def project_progress(connection: redis.Redis, project: Any, now: float | None = None) -> dict:
     """Progress of a project's predict jobs, counted in tasks: ``{"jobs", "tasks", "queued", "running",
-    "done", "failed", "rate" (tasks/s since the first start), "eta_s" (None when unknown)}``."""
+    "done", "failed", "rate" (tasks/s since the first start), "eta_s" (None when unknown)}``, and of its
+    latest training, ``"training"``: ``{"job", "status", "stage", "done", "total"}`` (the photos of the
+    running stage, e.g. the self-training's pseudo-masks) or None."""
     import time as _time
 
     ids = sorted(m.decode() if isinstance(m, bytes) else m for m in connection.smembers(project_jobs_key(project)))
@@ -219,7 +221,21 @@ def project_progress(connection: redis.Redis, project: Any, now: float | None = 
     if first_start is not None and out["done"] > 0 and now > first_start:
         out["rate"] = out["done"] / (now - first_start)
         out["eta_s"] = (out["queued"] + out["running"]) / out["rate"]
+    out["training"] = training_progress(connection, project)
     return out
+
+
+def training_progress(connection: redis.Redis, project: Any) -> dict | None:
+    """The project's latest training job: ``{"job", "status", "stage", "done", "total"}``, None without one."""
+    job_id = connection.get(latest_train_job_key(project))
+    if not job_id:
+        return None
+    job = Job.fetch_many([job_id.decode() if isinstance(job_id, bytes) else job_id], connection=connection)[0]
+    if job is None:
+        return None
+    meta, status = job.meta or {}, job.get_status(refresh=False)
+    return {"job": job.id, "status": status.value if status is not None else None,
+            "stage": meta.get("stage"), "done": meta.get("done"), "total": meta.get("total")}
 
 
 def queue_counts(connection: redis.Redis, priorities: Sequence[str] | None = None) -> dict[str, dict[str, int]]:

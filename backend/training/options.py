@@ -32,5 +32,8 @@ def settings_from_options(options: dict | None = None) -> Settings:
 
 def job_options(settings: Settings) -> dict:
     """The settings a worker on the same host needs to find the same store/registry and photos."""
-    return {"model_dir": str(Path(settings.model_dir).resolve()),
-            "local_roots": [str(p) for p in settings.local_roots], "backbone": settings.backbone}
+    out = {"model_dir": str(Path(settings.model_dir).resolve()),
+           "local_roots": [str(p) for p in settings.local_roots], "backbone": settings.backbone}
+    if settings.self_train > 0:
+        out["self_train_min"] = int(settings.self_train)     # TAG2MASK_SELF_TRAIN
+    return out

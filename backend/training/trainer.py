@@ -130,7 +130,8 @@ def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -
 def train_and_register(samples: Sequence, project, registry: ModelRegistry, backbone, *, labels=None,
                        config: dict | None = None, examples_revision: int | None = None, promote: bool = True,
                        force: bool = False, tolerance: float = 0.0, trigger: str = "manual",
-                       extra_meta: dict | None = None, preset: str = "balanced") -> dict:
+                       extra_meta: dict | None = None, preset: str = "balanced", self_train: dict | None = None,
+                       model_dir=None, progress=None) -> dict:
     """Train heads on `samples` (the hash split's train part), choose per label how they combine
     in the pipeline on the validation masks (:func:`tune_fusion`, the pipeline of `preset`), refit
     them on every example with that choice (:func:`explainers.training.refit_heads`,
@@ -143,27 +144,54 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
     ``refit`` (the examples the saved heads were trained on at last)). A refused promotion is
     logged (warning) and recorded in the version's ``meta.json`` (``"promotion"``) and in the
     registry's state log.
+
+    `self_train` (a dict of SelfTrainConfig overrides, ``{}`` for the defaults; None: off): the samples
+    with tags and no mask or box also train the seg head, on pseudo-masks from the project's pipeline
+    as served now (:mod:`backend.training.self_training`; kept under `model_dir` so a retried job
+    resumes). A label with too few confident pseudo-masked photos (and no corrected mask) keeps the
+    zero-shot path: its fusion weight is set to 0. The report and the meta get ``"self_training"``
+    (photos, used, per label, zero-shot labels, seconds). `progress(done, total)`: per pseudo-masked photo.
     """
     from explainers.heads import BackboneFeatures
     from explainers.training import FeatureCache, refit_heads, train_heads
 
     cfg = _train_config(config)
     samples = list(samples)
+    pseudo = store = st_stats = None
+    if self_train is not None:
+        from backend.training.self_training import pseudo_masks_for
+
+        if labels is None:
+            labels = sorted({t for s in samples for t in s.all_tags()})
+        pseudo, st_stats, store = pseudo_masks_for(samples, project, registry, backbone, labels,
+                                                   cfg.size // cfg.target_stride, preset=preset, options=self_train,
+                                                   model_dir=model_dir, progress=progress)
     cache = FeatureCache(BackboneFeatures(backbone), cfg.size, cfg.flip, cfg.extract_batch)
-    result = train_heads(backbone, samples, labels=labels, config=cfg, cache=cache)
+    result = train_heads(backbone, samples, labels=labels, config=cfg, cache=cache, pseudo_targets=pseudo)
     fusion = tune_fusion(result, samples, backbone, preset)
     if fusion is not None:
         result.validation["fusion"] = fusion
-    result = refit_heads(backbone, result, samples, cfg, cache)
+    result = refit_heads(backbone, result, samples, cfg, cache, pseudo_targets=pseudo)
+    if st_stats is not None:
+        masked = {t for s in samples for t in (*s.masks, *s.boxes)}
+        for label in st_stats["zero_shot"]:
+            if label not in masked and result.segmenter is not None:
+                result.fusion[label] = {"weight": 0.0, "crf": True}     # served as before: CAM alone
     extra = dict(extra_meta or {})
+    if st_stats is not None:
+        extra["self_training"] = st_stats
     extra["trigger"] = trigger
     if examples_revision is not None:
         extra["examples_revision"] = int(examples_revision)
     version = registry.save_result(project, result, **extra)
+    if store is not None:
+        store.remove()                   # saved: a retry has nothing to resume
     out = {"project": str(project), "version": version, "validation": result.validation,
            "counts": result.counts, "seconds": result.seconds, "labels": list(result.labels),
            "fusion_weight": result.fusion_weight, "fusion": dict(result.fusion),
            "promoted": False, "reason": "not promoted (--no-promote)", "previous": registry.current(project)}
+    if st_stats is not None:
+        out["self_training"] = st_stats
     if promote:
         p = registry.promote(project, version, force=force, tolerance=tolerance)
         _record_promotion(registry, project, version, p, trigger)
@@ -207,13 +235,42 @@ class _RenewingLock:
             pass
 
 
+def _self_train_option(options: dict, samples: Sequence) -> dict | None:
+    """The job's self-training overrides, or None: ``options["self_train"]`` (a dict; ``true`` = the
+    defaults) runs it; else ``options["self_train_min"]`` (TAG2MASK_SELF_TRAIN) runs it when the
+    project has at least that many examples with tags and no mask or box."""
+    value = options.get("self_train")
+    if value is not None and value is not False:
+        return dict(value) if isinstance(value, dict) else {}
+    floor = int(options.get("self_train_min") or 0)
+    tags_only = sum(1 for s in samples if s.tags and not s.has_regions)
+    return {} if floor > 0 and tags_only >= floor else None
+
+
+def _job_progress(job, stage: str):
+    """A progress(done, total) that keeps the RQ job's meta current (every 5 photos and the last)."""
+    if job is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        if done % 5 and done != total:
+            return
+        job.meta.update({"stage": stage, "done": int(done), "total": int(total)})
+        try:
+            job.save_meta()
+        except Exception as exc:   # noqa: BLE001 - progress is a courtesy; the training goes on
+            log.debug("progress not saved: %s", exc)
+    return report
+
+
 def train_project(project, options: dict | None = None, connection=None) -> dict:
     """The training job: train `project`'s heads on its stored examples and register the result.
 
     `options` (JSON-able): ``model_dir``, ``local_roots``, ``backbone``, ``label_studio_url``
     (override the environment's settings), ``config`` (TrainConfig fields), ``force`` (promote even
-    if validation regresses), ``trigger``, ``min_examples`` (default 2). `connection` defaults to the
-    current RQ job's. Returns the :func:`train_and_register` report plus ``status`` "trained", or
+    if validation regresses), ``trigger``, ``min_examples`` (default 2), ``self_train`` /
+    ``self_train_min`` (:func:`_self_train_option`; the job's meta then counts the pseudo-masked photos,
+    ``stage``, ``done``, ``total``). `connection` defaults to the current RQ job's. Returns the :func:`train_and_register` report plus ``status`` "trained", or
     ``{"status": "skipped", "reason"}`` (another training of the project holds the lock, too few
     examples, nothing changed since the newest model).
     """
@@ -242,11 +299,13 @@ def train_project(project, options: dict | None = None, connection=None) -> dict
                     "reason": f"{len(samples)} example(s); at least {min_examples} are needed"}
         backbone = get_backbone(settings.backbone, settings=settings)
         t = time.perf_counter()
+        self_train = _self_train_option(options, samples)
         report = train_and_register(samples, project, registry, backbone, config=options.get("config"),
                                     examples_revision=rev, force=bool(options.get("force")),
                                     trigger=str(options.get("trigger") or "auto"),
                                     extra_meta={"device": str(backbone.device), "preset": settings.preset},
-                                    preset=settings.preset)
+                                    preset=settings.preset, self_train=self_train, model_dir=settings.model_dir,
+                                    progress=_job_progress(job, "pseudo-masks"))
         report.update(status="trained", revision=rev, wall_seconds=round(time.perf_counter() - t, 2))
         try:
             report["published"] = RedisModelStore(conn).publish(registry, project)
