@@ -150,3 +150,27 @@ def test_label_self_train_into_a_project_registry_and_models_list(tmp_path, hors
     rc = main(["label", str(photos / f"{horse_stems('test')[0]}.jpg"), str(photos / f"{horse_stems('test')[1]}.jpg"),
                "--tags", "horse", "--out", str(tmp_path / "out2"), "--self-train", "--preset", "fast", "-q"])
     assert rc == 0 and "+self-trained" in capsys.readouterr().out
+
+
+def test_train_self_train_on_a_label_studio_export_of_choices_only_tasks(tmp_path, horse_dir, capsys):
+    """``tag2mask train --ls-export --self-train``: 2 tasks with a corrected mask and 10 with Choices only;
+    the 10 train the seg head on their pseudo-masks (without --self-train they would not)."""
+    import json
+
+    from backend.cli.main import main
+
+    stems = horse_stems("train")[20:32]
+    tasks = []
+    for i, s in enumerate(stems):
+        result = [choices_result("horse")] + ([brush_result(horse_mask(horse_dir, s))] if i < 2 else [])
+        tasks.append({"id": 700 + i, "project": 9, "data": {"image": f"/data/local-files/?d=images/{s}.jpg"},
+                      "annotations": [annotation(8000 + i, 700 + i, 9, result)]})
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks))
+    rc = main(["train", "--ls-export", str(export), "--images-root", str(horse_dir), "--self-train",
+               "--model-dir", str(tmp_path / "md"), "--seg-epochs", "10", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "self-training: the seg head also learnt from the pseudo-masks of" in out and "of 10 tagged photo(s)" in out
+    meta = ModelRegistry.in_model_dir(tmp_path / "md").meta("9", "v1")
+    assert meta["self_training"]["photos"] == 10 and meta["counts"]["train_pseudo_masks"] >= 5

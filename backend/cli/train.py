@@ -3,7 +3,7 @@
     tag2mask train --ls-export EXPORT.json --images-root DIR [--project P] [--label-config FILE]
     tag2mask train --images DIR --masks DIR --tag NAME [--split FILE] [--limit N] [--negatives DIR] [--project P]
         common: [--no-promote] [--force] [--model-dir DIR] [--json] [--backbone B] [--preset P] [--device D]
-                [--box-mode grabcut|box] [-q]
+                [--box-mode grabcut|box] [--self-train] [-q]
     tag2mask models list [--project P] [--json]
     tag2mask models promote PROJECT VERSION [--force]
     tag2mask models rollback PROJECT
@@ -193,10 +193,12 @@ def cmd_train(args) -> int:
     try:
         from explainers.errors import ExplainersError
 
-        report = train_and_register(samples, project, registry_of(args), backbone, config=config,
+        registry = registry_of(args)
+        report = train_and_register(samples, project, registry, backbone, config=config,
                                     promote=not args.no_promote, force=args.force, trigger="cli",
                                     extra_meta={**meta, "device": str(backbone.device), "preset": args.preset},
-                                    preset=args.preset)
+                                    preset=args.preset, self_train={} if args.self_train else None,
+                                    model_dir=registry.root.parent)
     except (ValueError, ExplainersError) as exc:
         raise UsageError(f"cannot train: {exc}") from None
     finally:
@@ -217,6 +219,11 @@ def cmd_train(args) -> int:
               f"validated on {report['counts']['val']} ({scores or 'no scores'}) in "
               f"{report['seconds'].get('total', 0):.1f} s; fusion {fusion_text(v.get('fusion'))}{refit}; "
               f"{state}; current: {report['current']}")
+        if report.get("self_training"):
+            st = report["self_training"]
+            print(f"self-training: the seg head also learnt from the pseudo-masks of {st['used']} of {st['photos']} "
+                  f"tagged photo(s) without a mask ({st['seconds']:.0f} s)"
+                  + (f"; kept zero-shot: {', '.join(st['zero_shot'])}" if st["zero_shot"] else ""))
     return EXIT_FAILED if (errors or skipped) else EXIT_OK
 
 
@@ -246,6 +253,9 @@ def add_parsers(sub, model_options, progress_option) -> None:
     p.add_argument("--force", action="store_true", help="promote even if validation regresses")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation (0.2)")
     p.add_argument("--seg-epochs", type=int, default=None, help="segmentation head epochs (default 40)")
+    p.add_argument("--self-train", action="store_true",
+                   help="examples with tags and no mask (an export's Choices-only tasks) also train the seg head, "
+                        "on their pseudo-masks from the project's current pipeline")
     p.add_argument("--box-mode", choices=("grabcut", "box"), default=None,
                    help="how box-only labels supervise the seg head: GrabCut pseudo-masks (default) or filled boxes")
     p.add_argument("--model-dir", metavar="DIR", help="default: $MODEL_DIR or ./model_dir")
