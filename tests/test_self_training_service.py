@@ -174,3 +174,30 @@ def test_train_self_train_on_a_label_studio_export_of_choices_only_tasks(tmp_pat
     assert "self-training: the seg head also learnt from the pseudo-masks of" in out and "of 10 tagged photo(s)" in out
     meta = ModelRegistry.in_model_dir(tmp_path / "md").meta("9", "v1")
     assert meta["self_training"]["photos"] == 10 and meta["counts"]["train_pseudo_masks"] >= 5
+
+
+def test_a_label_imagenet_lacks_is_self_trained_from_tags_alone(tmp_path, horse_dir, backbone):
+    """"Pony photo" (no ImageNet class) on 12 horses and "Other scene" on 8 other photos, Choices only:
+    its pseudo-masks come from a classifier head trained first on the tags (its CAM), the seg head
+    learns from them, and the served "Pony photo" masks on 6 test horses cover the horses."""
+    from backend.serving.heads import load_project_heads
+    from backend.training.trainer import train_and_register
+    from explainers.segment import PipelineConfig, Tag2Mask
+    from test_head_cam import _tag_samples as pony_samples
+
+    registry = ModelRegistry.in_model_dir(tmp_path)
+    report = train_and_register(pony_samples(horse_dir, "Pony photo", "Other scene"), "5", registry, backbone,
+                                config=FAST, self_train={}, model_dir=tmp_path)
+    st = report["self_training"]
+    assert st["cam_from_tags"] == ["Other scene", "Pony photo"] and st["per_label"]["Pony photo"] >= 8, st
+    assert report["counts"]["train_pseudo_masks"] >= 8
+    engine = Tag2Mask(backbone, PipelineConfig.preset("balanced"), heads=load_project_heads(registry, "5", backbone))
+    from explainers.imageio import load_image
+
+    inter = union = 0
+    for s in horse_stems("test")[:6]:
+        truth = horse_mask(horse_dir, s)
+        (tag,) = engine.predict(load_image(horse_dir / "images" / f"{s}.jpg"), ["Pony photo"]).tags
+        inter, union = inter + int((tag.mask & truth).sum()), union + int((tag.mask | truth).sum())
+    print(f"\n'Pony photo' self-trained from tags alone: fg IoU {inter / union:.3f} on 6 test horses")
+    assert inter / union > 0.6

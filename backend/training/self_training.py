@@ -87,16 +87,40 @@ class PseudoStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _with_tag_classifier(engine, heads, samples: Sequence, labels: Sequence[str], backbone, cache):
+    """`heads`, or, when the engine with them cannot segment some of `labels` (labels ImageNet lacks,
+    not yet learnt), heads whose classifier is trained now on the samples' tags (its CAM segments
+    them: explainers.segment.head_cam) beside `heads`' seg head; (heads, the labels that needed it)."""
+    from explainers.project_heads import ProjectHeads
+    from explainers.training import TrainConfig, train_heads
+
+    engine.set_heads(heads)
+    missing = [label for label in labels if not engine.can_segment(label)]
+    if not missing:
+        return heads, []
+    cfg = TrainConfig(size=cache.size, flip=cache.flip) if cache is not None else TrainConfig()
+    tagged = [s for s in samples if s.all_tags()]
+    result = train_heads(backbone, tagged, labels=list(labels), config=cfg, cache=cache, train_seg_head=False,
+                         validation=[])
+    segmenter = getattr(heads, "segmenter", None)
+    return ProjectHeads(backbone, result.classifier, segmenter, result.layers, result.size,
+                        getattr(heads, "fusion_weight", None), getattr(heads, "fusion", None)), missing
+
+
 def pseudo_masks_for(samples: Sequence, project, registry, backbone, labels: Sequence[str], out: int, *,
                      preset: str = "balanced", options: dict | None = None, model_dir: Path | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict, PseudoStore | None]:
+                     progress: Callable[[int, int], None] | None = None, cache=None
+                     ) -> tuple[dict, dict, PseudoStore | None]:
     """({sample key: (target, weight)}, stats, the run's store or None) for the tags-only `samples`.
 
     The pipeline is the engine of `preset` on `backbone` with `project`'s promoted heads when they
     were validated on corrected masks (else the zero-shot pipeline: a second round on an unvalidated
     self-trained version could only drift), under the process's inference lock. `options`: SelfTrainConfig overrides
     (``confidence``, ``keep_fraction``, ``min_label_photos``, ...). `model_dir`: where the run's
-    outcomes are kept for a resumed job (None: not kept)."""
+    outcomes are kept for a resumed job (None: not kept). A label that pipeline cannot segment (one
+    ImageNet lacks that no promoted head learnt) gets its pseudo-masks from a classifier head trained
+    first on the samples' tags (its CAM; it needs photos without the label to learn where it is
+    absent); `cache`: the FeatureCache that training may reuse."""
     from backend.serving.engine import engine_on
     from backend.serving.heads import load_project_heads
     from explainers.self_training import pseudo_training_targets
@@ -117,15 +141,16 @@ def pseudo_masks_for(samples: Sequence, project, registry, backbone, labels: Seq
     engine, lock = engine_on(backbone, preset)
     with lock:
         before, extra = engine.heads, engine.tag_extra
-        engine.set_heads(heads)
         engine.tag_extra = None
         try:
+            heads, from_tags = _with_tag_classifier(engine, heads, samples, labels, backbone, cache)
+            engine.set_heads(heads)
             targets, stats = pseudo_training_targets(engine, samples, labels, out, cfg, known=known,
                                                      on_photo=store.save if store is not None else None,
                                                      progress=progress)
         finally:
             engine.set_heads(before)
             engine.tag_extra = extra
-    stats = {**stats, "resumed": len(known), "from_version": version, "preset": preset,
+    stats = {**stats, "resumed": len(known), "from_version": version, "preset": preset, "cam_from_tags": from_tags,
              "confidence": cfg.confidence, "keep_fraction": cfg.keep_fraction}
     return targets, stats, store

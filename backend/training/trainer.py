@@ -158,6 +158,7 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
     cfg = _train_config(config)
     samples = list(samples)
     pseudo = store = st_stats = None
+    cache = FeatureCache(BackboneFeatures(backbone), cfg.size, cfg.flip, cfg.extract_batch)
     if self_train is not None:
         from backend.training.self_training import pseudo_masks_for
 
@@ -165,8 +166,7 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
             labels = sorted({t for s in samples for t in s.all_tags()})
         pseudo, st_stats, store = pseudo_masks_for(samples, project, registry, backbone, labels,
                                                    cfg.size // cfg.target_stride, preset=preset, options=self_train,
-                                                   model_dir=model_dir, progress=progress)
-    cache = FeatureCache(BackboneFeatures(backbone), cfg.size, cfg.flip, cfg.extract_batch)
+                                                   model_dir=model_dir, progress=progress, cache=cache)
     result = train_heads(backbone, samples, labels=labels, config=cfg, cache=cache, pseudo_targets=pseudo)
     fusion = tune_fusion(result, samples, backbone, preset)
     if fusion is not None:
