@@ -35,6 +35,10 @@ from explainers.device import set_cpu_threads  # noqa: E402
 from explainers.imageio import load_image  # noqa: E402
 
 
+SPLITS = {"horse": ("horse_train", "horse_test", "Weizmann horses, test split"),
+          "msrc": ("msrc_dev", "msrc_test", "MSRC-v2 test objects")}   # run -> (trained on, scored on, title)
+
+
 def score(engine, pset: PhotoSet, stems=None) -> float:
     """Mean over classes of the fg IoU pooled over the photos (`stems`: a subset)."""
     inter: dict[str, int] = {}
@@ -52,7 +56,8 @@ def score(engine, pset: PhotoSet, stems=None) -> float:
     return float(np.mean([inter[t] / union[t] if union[t] else 0.0 for t in inter]))
 
 
-def self_train(engine, pset: PhotoSet, stems, model_dir: Path, project: str) -> tuple[object, dict, float]:
+def self_train(engine, pset: PhotoSet, stems, model_dir: Path, project: str, options: dict | None = None
+               ) -> tuple[object, dict, float]:
     """Self-train a project on the photos `stems` of `pset` (tags only); (heads, report, seconds)."""
     from backend.serving.offline import load_offline_heads
     from backend.storage.registry import ModelRegistry
@@ -63,7 +68,7 @@ def self_train(engine, pset: PhotoSet, stems, model_dir: Path, project: str) -> 
                for p in pset.photos if p.stem in stems]
     t = time.perf_counter()
     report = train_and_register(samples, project, ModelRegistry.in_model_dir(model_dir), engine.backbone,
-                                self_train={}, force=True, trigger="benchmark", model_dir=model_dir)
+                                self_train=dict(options or {}), force=True, trigger="benchmark", model_dir=model_dir)
     seconds = time.perf_counter() - t
     return load_offline_heads(model_dir, project, engine.backbone).heads, report, seconds
 
@@ -99,19 +104,13 @@ def main(argv=None) -> int:
 
     print(f"threads {threads}; balanced preset; fg IoU pooled per class, mean over classes")
     for r in runs:
-        if r == "horse":
-            train, test = sets["horse_train"], sets["horse_test"]
+        if r in SPLITS:
+            dev_name, test_name, title = SPLITS[r]
+            dev, test = sets[dev_name], sets[test_name]
             base = score(engine, test)
-            a = run("horse train -> test", train, [p.stem for p in train.photos], test)
-            b = run("horse test -> test", test, [p.stem for p in test.photos], test)
-            print(f"horses, test split ({len(test.photos)}): zero-shot {base:.3f}; self-trained on the train split "
-                  f"{a:.3f}, on the test photos themselves {b:.3f}")
-        elif r == "msrc":
-            dev, test = sets["msrc_dev"], sets["msrc_test"]
-            base = score(engine, test)
-            a = run("msrc dev -> test", dev, [p.stem for p in dev.photos], test)
-            b = run("msrc test -> test", test, [p.stem for p in test.photos], test)
-            print(f"MSRC-v2 test objects ({len(test.photos)} photos): zero-shot {base:.3f}; self-trained on dev "
+            a = run(f"{dev_name} -> {test_name}", dev, [p.stem for p in dev.photos], test)
+            b = run(f"{test_name} -> {test_name}", test, [p.stem for p in test.photos], test)
+            print(f"{title} ({len(test.photos)} photos): zero-shot {base:.3f}; self-trained on {dev_name} "
                   f"{a:.3f}, on the test photos themselves {b:.3f}")
         elif r == "coco":
             coco = sets["coco"]

@@ -28,8 +28,9 @@ class ProjectHeads:
 
     def __init__(self, backbone: Backbone, classifier: ClassifierHead | None, segmenter: SegHead | None,
                  layers: Sequence[str], size: int, fusion_weight: float | None = None,
-                 fusion: dict | None = None, tag_prior: TagPrior | None = None):
+                 fusion: dict | None = None, tag_prior: TagPrior | None = None, head_cam: str | None = None):
         self.backbone = backbone
+        self.head_cam = head_cam       # which labels take the classifier head's CAM (None: the engine's config)
         self.tag_prior = tag_prior     # the project's label frequencies (explainers.tag_choice), None: unknown
         self.fusion_weight = None if fusion_weight is None else float(fusion_weight)   # chosen on validation
         # per label, chosen on validation: {label: {"weight", "crf"}} (Tag2Mask.fusion_for); older
@@ -54,7 +55,8 @@ class ProjectHeads:
             head.load_state_dict(part["state"])
             return head
         return cls(backbone, unpack("classifier"), unpack("segmenter"), ckpt["layers"], ckpt["size"],
-                   ckpt.get("fusion_weight"), ckpt.get("fusion"), TagPrior.from_dict(ckpt.get("tag_prior")))
+                   ckpt.get("fusion_weight"), ckpt.get("fusion"), TagPrior.from_dict(ckpt.get("tag_prior")),
+                   ckpt.get("head_cam"))
 
     @property
     def labels(self) -> list[str]:

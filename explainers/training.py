@@ -89,6 +89,7 @@ class TrainResult:
     fusion: dict = field(default_factory=dict)   # label -> {"weight", "crf"} chosen on validation per label
     refit_keys: list[str] = field(default_factory=list)   # the examples the served heads were refit on
     tag_prior: TagPrior | None = None    # how often each label was annotated, over every example (tag choice)
+    head_cam: str | None = None          # which labels take the classifier head's CAM when served (None: the config's)
 
     def checkpoint(self) -> dict:
         """Everything a worker needs, as plain types + tensors (``torch.load(weights_only=True)``-safe);
@@ -105,6 +106,8 @@ class TrainResult:
             ckpt["fusion_weight"] = float(self.fusion_weight)
         if self.tag_prior is not None:
             ckpt["tag_prior"] = self.tag_prior.to_dict()
+        if self.head_cam is not None:
+            ckpt["head_cam"] = str(self.head_cam)
         if self.fusion:
             ckpt["fusion"] = {str(label): {"weight": float(c["weight"]), "crf": bool(c.get("crf", True))}
                               for label, c in self.fusion.items()}

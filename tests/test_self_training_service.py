@@ -67,6 +67,8 @@ def test_train_job_self_trains_on_tagged_photos_with_progress_and_corrections_wi
     assert report["counts"]["train_pseudo_masks"] >= 1 and report["counts"]["train_with_masks"] >= 1
     meta = ModelRegistry.in_model_dir(settings.model_dir).meta("61", report["version"])
     assert meta["self_training"]["used"] == st["used"]
+    ckpt, _ = ModelRegistry.in_model_dir(settings.model_dir).load("61")
+    assert ckpt["head_cam"] == "unknown"      # labels ImageNet names keep its CAM in a self-trained version
     training = project_progress(rconn, "61")["training"]
     assert training == {"job": queued["job_id"], "status": "finished", "stage": "pseudo-masks", "done": 12,
                         "total": 12}, training

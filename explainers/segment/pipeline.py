@@ -195,14 +195,19 @@ class Tag2Mask:
         one of :meth:`_head_tags` (a label of the project's classifier head)."""
         return bool(self._head_tags([tag])) or self.knows_tag(tag)
 
-    def _head_tags(self, tags: Sequence[str]) -> list[str]:
+    def _head_tags(self, tags: Sequence[str], mode: str | None = None) -> list[str]:
         """The tags whose CAM and score come from the project's classifier head (:class:`HeadCAM`)
         instead of the backbone's classifier, per ``config.fusion.head_cam`` (none without heads):
         "unknown" = the head's labels the backbone cannot name; "auto" = those and the head's labels
         trained against at least ``fusion.head_min_negatives`` photos without them; "always" = all
-        the head's labels; "off" = none."""
+        the head's labels; "off" = none. The mode: `mode`, else the config's, where that is "auto" the
+        heads' own when they carry one (``heads.head_cam``: a self-trained version keeps ImageNet's
+        CAM for the labels it names, "unknown")."""
         fcfg = self.config.fusion
-        mode = fcfg.head_cam
+        if mode is None:
+            mode = fcfg.head_cam
+            if mode == "auto" and getattr(self.heads, "head_cam", None):
+                mode = self.heads.head_cam
         if mode not in ("auto", "unknown", "always", "off"):
             raise ValueError(f"unknown fusion.head_cam {mode!r}; choose 'auto', 'unknown', 'always' or 'off'")
         known = set(self.head_labels())
@@ -412,7 +417,7 @@ class Tag2Mask:
         x = self.backbone.to_tensor(image, pass_size(h, w, 1.0, self.config.cam))
         return self.backbone.predict(x)[0]
 
-    def tag_scores(self, image_rgb: np.ndarray, tags: Sequence[str]) -> dict[str, float]:
+    def tag_scores(self, image_rgb: np.ndarray, tags: Sequence[str], head_mode: str | None = None) -> dict[str, float]:
         """Each tag's probability on this photo, from one forward pass at the CAM stage's scale-1 size.
 
         The tags of :meth:`_head_tags` get the project's classifier head's sigmoid probability (the
@@ -426,7 +431,7 @@ class Tag2Mask:
         """
         image = check_image(image_rgb)
         h, w = image.shape[:2]
-        head = set(self._head_tags(tags))
+        head = set(self._head_tags(tags, head_mode))
         x = self.backbone.to_tensor(image, pass_size(h, w, 1.0, self.config.cam))
         layer = self.backbone.target_layers[0]
         with LayerRecorder(self.backbone.model, [layer] if head else []) as rec:
@@ -443,11 +448,12 @@ class Tag2Mask:
         carry its label frequencies (``heads.tag_prior``, :class:`explainers.tag_choice.TagPrior`), those
         of the tags the classifier head does not score moved by the label's prior log-odds (the head's
         own scores hold the frequency already). Without heads or counts: :meth:`tag_scores`."""
-        scores = self.tag_scores(image_rgb, tags)
+        mode = self.config.fusion.head_cam     # the head scores what it learnt, whatever its CAM serves
+        scores = self.tag_scores(image_rgb, tags, head_mode=mode)
         prior = getattr(self.heads, "tag_prior", None)
         if prior is None:
             return scores
-        head = set(self._head_tags(tags))
+        head = set(self._head_tags(tags, mode))
         return {t: s if t in head else prior.adjust(t, s) for t, s in scores.items()}
 
     def classify(self, image_rgb: np.ndarray, top_k: int = 5) -> list[tuple[str, float]]:
