@@ -177,6 +177,14 @@ def pseudo_targets(pseudo: PseudoLabel, labels: Sequence[str], out: int,
     return target, weight
 
 
+def keep_floor(confidences: Sequence[float], keep_fraction: float) -> float:
+    """The least confidence a photo needs to be among the ``keep_fraction`` most confident (-1: all kept)."""
+    if keep_fraction >= 1.0 or not confidences:
+        return -1.0
+    scores = sorted(confidences, reverse=True)
+    return scores[max(0, min(len(scores), int(np.ceil(keep_fraction * len(scores)))) - 1)]
+
+
 def train_on_pseudo(backbone, photos: Sequence, pseudo: Sequence[PseudoLabel | None], labels: Sequence[str],
                     cfg: SelfTrainConfig, cache: FeatureCache | None = None, keys: Sequence[str] | None = None
                     ) -> tuple[ProjectHeads, dict]:
@@ -191,10 +199,7 @@ def train_on_pseudo(backbone, photos: Sequence, pseudo: Sequence[PseudoLabel | N
     keys = list(keys) if keys is not None else [f"photo{i}" for i in range(len(photos))]
     samples, targets = [], []
     usable = [p for p in pseudo if p is not None]
-    floor = -1.0
-    if cfg.keep_fraction < 1.0 and usable:
-        scores = sorted((confidence(p) for p in usable), reverse=True)
-        floor = scores[max(0, min(len(scores), int(np.ceil(cfg.keep_fraction * len(scores)))) - 1)]
+    floor = keep_floor([confidence(p) for p in usable], cfg.keep_fraction)
     for key, photo, p in zip(keys, photos, pseudo):
         if p is None or confidence(p) < floor:
             continue
@@ -295,10 +300,7 @@ def pseudo_training_targets(engine, samples: Sequence[Sample], labels: Sequence[
         if progress is not None:
             progress(len(todo) - len(fresh) + i + 1, len(todo))
     usable = {k: o for k, o in outcomes.items() if o is not None}
-    floor = -1.0
-    if cfg.keep_fraction < 1.0 and usable:
-        scores = sorted((o[1] for o in usable.values()), reverse=True)
-        floor = scores[max(0, min(len(scores), int(np.ceil(cfg.keep_fraction * len(scores)))) - 1)]
+    floor = keep_floor([o[1] for o in usable.values()], cfg.keep_fraction)
     targets = {k: (o[0][0].copy(), o[0][1].copy()) for k, o in usable.items() if o[1] >= floor}
     tags_of = {str(s.key): set(s.tags) for s in todo}
     per_label = {label: sum(1 for k in targets if label in tags_of.get(k, ())) for label in labels}

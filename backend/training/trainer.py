@@ -96,7 +96,7 @@ def tune_fusion(result, samples: Sequence, backbone, preset: str = "balanced") -
         try:
             engine, lock = engine_on(backbone, preset)     # the process's engine: no second model on the device
             heads = ProjectHeads(backbone, result.classifier, result.segmenter, result.layers, result.size,
-                                 head_cam=getattr(result, "head_cam", None))
+                                 head_cam=result.head_cam)
             with lock:                                     # it sets the heads it scores, then restores them
                 extra, engine.tag_extra = engine.tag_extra, None   # a prediction's config labels are not ours
                 try:
