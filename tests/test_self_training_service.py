@@ -203,3 +203,24 @@ def test_a_label_imagenet_lacks_is_self_trained_from_tags_alone(tmp_path, horse_
         inter, union = inter + int((tag.mask & truth).sum()), union + int((tag.mask | truth).sum())
     print(f"\n'Pony photo' self-trained from tags alone: fg IoU {inter / union:.3f} on 6 test horses")
     assert inter / union > 0.6
+
+
+def test_the_resume_store_keeps_hostile_keys_inside_its_folder_and_skips_torn_files(tmp_path):
+    """Sample keys come from Label Studio tasks: a key like '../../x' or 10 000 characters is hashed into
+    a file name inside the run's folder; a torn .npz is computed again, not trusted."""
+    from backend.training.self_training import PseudoStore
+
+    store = PseudoStore(tmp_path / "run")
+    keys = ["../../escape", "a" * 10_000, "/etc/passwd", "ok"]
+    target, weight = np.ones((1, 4, 4), np.float32), np.zeros((1, 4, 4), np.float32)
+    for k in keys[:3]:
+        store.save(k, ((target, weight), 0.9))
+    store.save("ok", None)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert len(files) == 4 and all(len(name) < 40 for name in files)
+    assert not any(p.parent != tmp_path / "run" for p in tmp_path.rglob("*.npz"))
+    loaded = store.load(keys)
+    assert loaded["ok"] is None and np.array_equal(loaded["../../escape"][0][0], target)
+    torn = next((tmp_path / "run").glob("*.npz"))
+    torn.write_bytes(b"not a zip")
+    assert len(store.load(keys)) == 3
