@@ -104,13 +104,14 @@ def _coverable(name: str) -> bool:
 
 
 def class_set(name: str, folder: Path, tags_file: str, ignore: tuple[int, ...], split: str | None,
-              limit: int | None) -> PhotoSet:
+              limit: int | None, coverable_only: bool = True) -> PhotoSet:
+    """The photos of `folder` with their tags: those ImageNet can name (`coverable_only`), or all of them."""
     classes = read_classes(folder / "classes.txt")
     tags = read_photo_tags(folder / tags_file, classes)
     pairs, _ = find_pairs(folder / "images", folder / "masks", folder / split if split else None)
     photos = []
     for stem, image, mask in pairs:
-        ids = [v for v in tags.get(stem, []) if v not in ignore and _coverable(classes[v])]
+        ids = [v for v in tags.get(stem, []) if v not in ignore and (not coverable_only or _coverable(classes[v]))]
         if ids:
             photos.append(Photo(stem, image, mask, [(classes[v], v) for v in ids]))
     return PhotoSet(name, [photos[i] for i in _spread_index(len(photos), limit)], ignore)
@@ -134,6 +135,11 @@ def load_sets(names: list[str], limit: int | None, dev_limit: int | None) -> dic
         "coco": lambda: class_set("coco", COCO, "tags.csv", (0,), None, limit),
         "msrc_dev": lambda: class_set("msrc_dev", MSRC, "tags.txt", (255,), "split_dev.txt", dev_limit or limit),
         "msrc_test": lambda: class_set("msrc_test", MSRC, "tags.txt", (255,), "split_test.txt", limit),
+        "msrc_dev_all": lambda: class_set("msrc_dev_all", MSRC, "tags.txt", (255,), "split_dev.txt", dev_limit or limit,
+                                          coverable_only=False),
+        "msrc_test_all": lambda: class_set("msrc_test_all", MSRC, "tags.txt", (255,), "split_test.txt", limit,
+                                           coverable_only=False),
+        "coco_all": lambda: class_set("coco_all", COCO, "tags.csv", (0,), None, limit, coverable_only=False),
         "horse_train": lambda: horse_set("horse_train", ["train"], dev_limit or limit),
         "horse_test": lambda: horse_set("horse_test", ["test"], limit),
         "horse_all": lambda: horse_set("horse_all", ["train", "test"], limit),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rq.job import Job
 
 from conftest import horse_stems
 from ls_payloads import annotation, brush_result, choices_result, horse_mask, webhook_body
@@ -70,8 +71,11 @@ def test_train_job_self_trains_on_tagged_photos_with_progress_and_corrections_wi
     ckpt, _ = ModelRegistry.in_model_dir(settings.model_dir).load("61")
     assert ckpt["head_cam"] == "unknown"      # labels ImageNet names keep its CAM in a self-trained version
     training = project_progress(rconn, "61")["training"]
-    assert training == {"job": queued["job_id"], "status": "finished", "stage": "pseudo-masks", "done": 12,
-                        "total": 12}, training
+    assert training == {"job": queued["job_id"], "status": "finished", "stage": "saving", "done": None,
+                        "total": None}, training
+    stages = Job.fetch(queued["job_id"], connection=rconn).meta["stages"]
+    assert stages == [["pseudo-masks", 12, 12], ["training the heads", None, None], ["choosing the fusion", None, None],
+                      ["refitting", None, None], ["saving", None, None]], stages
     assert not (settings.model_dir / "pseudo").exists() or not any((settings.model_dir / "pseudo").rglob("*.npz"))
 
     test = horse_stems("test")[:8]

@@ -68,6 +68,8 @@ def _progress_line(p: dict) -> str:
         line += f"; training {training['status']}"
         if training.get("stage") and training.get("total"):
             line += f" ({training['stage']} {training['done']}/{training['total']})"
+        elif training.get("stage"):
+            line += f" ({training['stage']})"
     return line
 
 
@@ -107,9 +109,9 @@ def cmd_jobs(args) -> int:
                 training = progress.get("training") or {}
                 if progress["queued"] + progress["running"] == 0 and training.get("status") not in ("queued", "started"):
                     break
-                if training.get("status") == "started" and training.get("total"):
-                    bar.set_description(f"project {args.project} ({training['stage']} "
-                                        f"{training['done']}/{training['total']})", refresh=False)
+                if training.get("status") == "started" and training.get("stage"):
+                    counts = f" {training['done']}/{training['total']}" if training.get("total") else ""
+                    bar.set_description(f"project {args.project} ({training['stage']}{counts})", refresh=False)
                 time.sleep(args.interval)
                 progress = project_progress(conn, args.project)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from backend.cli.common import UsageError
@@ -52,9 +53,17 @@ def self_train_before_labelling(args, engine, photos, tags, tags_map, base_versi
         if bar is not None:
             bar.n = done
             bar.refresh()
+    started = time.perf_counter()
+
+    def stage(name):
+        if not args.quiet:
+            if bar is not None:
+                bar.close()
+            print(f"self-training: {name} ({time.perf_counter() - started:.0f} s in)", file=sys.stderr, flush=True)
     try:
         report = train_and_register(samples, project, ModelRegistry.in_model_dir(model_dir), engine.backbone,
                                     self_train={}, preset=args.preset, model_dir=model_dir, progress=progress,
+                                    stage=stage,
                                     trigger="cli", extra_meta={"source": "tag2mask label --self-train"})
     except ValueError as exc:
         raise UsageError(f"--self-train: cannot train: {exc}") from None

@@ -132,7 +132,7 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
                        config: dict | None = None, examples_revision: int | None = None, promote: bool = True,
                        force: bool = False, tolerance: float = 0.0, trigger: str = "manual",
                        extra_meta: dict | None = None, preset: str = "balanced", self_train: dict | None = None,
-                       model_dir=None, progress=None) -> dict:
+                       model_dir=None, progress=None, stage=None) -> dict:
     """Train heads on `samples` (the hash split's train part), choose per label how they combine
     in the pipeline on the validation masks (:func:`tune_fusion`, the pipeline of `preset`), refit
     them on every example with that choice (:func:`explainers.training.refit_heads`,
@@ -151,8 +151,11 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
     as served now (:mod:`backend.training.self_training`; kept under `model_dir` so a retried job
     resumes). A label with too few confident pseudo-masked photos (and no corrected mask) keeps the
     zero-shot path: its fusion weight is set to 0. The report and the meta get ``"self_training"``
-    (photos, used, per label, zero-shot labels, seconds). `progress(done, total)`: per pseudo-masked photo.
+    (photos, used, per label, zero-shot labels, seconds). `progress(done, total)`: per pseudo-masked photo;
+    `stage(name)`: when each later stage starts ("training the heads", "choosing the fusion", "refitting",
+    "saving"), so a long job says what it is doing.
     """
+    stage = stage or (lambda name: None)
     from explainers.heads import BackboneFeatures
     from explainers.training import FeatureCache, refit_heads, train_heads
 
@@ -168,15 +171,18 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
         pseudo, st_stats, store = pseudo_masks_for(samples, project, registry, backbone, labels,
                                                    cfg.size // cfg.target_stride, preset=preset, options=self_train,
                                                    model_dir=model_dir, progress=progress, cache=cache)
+    stage("training the heads")
     result = train_heads(backbone, samples, labels=labels, config=cfg, cache=cache, pseudo_targets=pseudo)
     if st_stats is not None:
         # its classifier head learnt from tags alone: served, its CAM replaced ImageNet's for the labels
         # ImageNet names and lost (coco128_dev self-trained 0.179 against 0.247 zero-shot; 0.247 with
         # "unknown"); those keep ImageNet's CAM, the labels ImageNet lacks take the head's
         result.head_cam = "unknown"
+    stage("choosing the fusion")
     fusion = tune_fusion(result, samples, backbone, preset)
     if fusion is not None:
         result.validation["fusion"] = fusion
+    stage("refitting")
     result = refit_heads(backbone, result, samples, cfg, cache, pseudo_targets=pseudo)
     if st_stats is not None:
         masked = {t for s in samples for t in (*s.masks, *s.boxes)}
@@ -189,6 +195,7 @@ def train_and_register(samples: Sequence, project, registry: ModelRegistry, back
     extra["trigger"] = trigger
     if examples_revision is not None:
         extra["examples_revision"] = int(examples_revision)
+    stage("saving")
     version = registry.save_result(project, result, **extra)
     if store is not None:
         store.remove()                   # saved: a retry has nothing to resume
@@ -269,6 +276,25 @@ def _job_progress(job, stage: str):
     return report
 
 
+def _job_stage(job):
+    """A stage(name) that records the stage the RQ job has reached in its meta (photo counts cleared; the
+    pseudo-masks' counts stay in ``stages``: [[name, done, total], ...])."""
+    if job is None:
+        return None
+
+    def report(name: str) -> None:
+        stages = list(job.meta.get("stages") or [])
+        if job.meta.get("stage") and not stages:
+            stages.append([job.meta["stage"], job.meta.get("done"), job.meta.get("total")])
+        stages.append([name, None, None])
+        job.meta.update({"stage": name, "done": None, "total": None, "stages": stages})
+        try:
+            job.save_meta()
+        except Exception as exc:   # noqa: BLE001 - progress is a courtesy; the training goes on
+            log.debug("progress not saved: %s", exc)
+    return report
+
+
 def train_project(project, options: dict | None = None, connection=None) -> dict:
     """The training job: train `project`'s heads on its stored examples and register the result.
 
@@ -311,7 +337,7 @@ def train_project(project, options: dict | None = None, connection=None) -> dict
                                     trigger=str(options.get("trigger") or "auto"),
                                     extra_meta={"device": str(backbone.device), "preset": settings.preset},
                                     preset=settings.preset, self_train=self_train, model_dir=settings.model_dir,
-                                    progress=_job_progress(job, "pseudo-masks"))
+                                    progress=_job_progress(job, "pseudo-masks"), stage=_job_stage(job))
         report.update(status="trained", revision=rev, wall_seconds=round(time.perf_counter() - t, 2))
         try:
             report["published"] = RedisModelStore(conn).publish(registry, project)
