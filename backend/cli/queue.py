@@ -58,6 +58,13 @@ def _connect():
     return conn
 
 
+def _stage_text(training: dict) -> str:
+    """The training job's stage as text: "pseudo-masks 12/40", or only its name when it has no count."""
+    if training.get("total"):
+        return f"{training['stage']} {training['done']}/{training['total']}"
+    return str(training["stage"])
+
+
 def _progress_line(p: dict) -> str:
     rate = f"{p['rate']:.2f} tasks/s" if p.get("rate") else "rate -"
     eta = f"ETA {p['eta_s']:.0f} s" if p.get("eta_s") is not None else "ETA -"
@@ -66,10 +73,8 @@ def _progress_line(p: dict) -> str:
     training = p.get("training")
     if training:
         line += f"; training {training['status']}"
-        if training.get("stage") and training.get("total"):
-            line += f" ({training['stage']} {training['done']}/{training['total']})"
-        elif training.get("stage"):
-            line += f" ({training['stage']})"
+        if training.get("stage"):
+            line += f" ({_stage_text(training)})"
     return line
 
 
@@ -110,8 +115,7 @@ def cmd_jobs(args) -> int:
                 if progress["queued"] + progress["running"] == 0 and training.get("status") not in ("queued", "started"):
                     break
                 if training.get("status") == "started" and training.get("stage"):
-                    counts = f" {training['done']}/{training['total']}" if training.get("total") else ""
-                    bar.set_description(f"project {args.project} ({training['stage']}{counts})", refresh=False)
+                    bar.set_description(f"project {args.project} ({_stage_text(training)})", refresh=False)
                 time.sleep(args.interval)
                 progress = project_progress(conn, args.project)
         finally:

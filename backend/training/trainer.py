@@ -260,6 +260,14 @@ def _self_train_option(options: dict, samples: Sequence) -> dict | None:
     return {} if floor > 0 and tags_only >= floor else None
 
 
+def _save_meta(job) -> None:
+    """Save the RQ job's meta; progress is a courtesy, so a failure is logged and the training goes on."""
+    try:
+        job.save_meta()
+    except Exception as exc:   # noqa: BLE001 - progress is a courtesy; the training goes on
+        log.debug("progress not saved: %s", exc)
+
+
 def _job_progress(job, stage: str):
     """A progress(done, total) that keeps the RQ job's meta current (every 5 photos and the last)."""
     if job is None:
@@ -269,10 +277,7 @@ def _job_progress(job, stage: str):
         if done % 5 and done != total:
             return
         job.meta.update({"stage": stage, "done": int(done), "total": int(total)})
-        try:
-            job.save_meta()
-        except Exception as exc:   # noqa: BLE001 - progress is a courtesy; the training goes on
-            log.debug("progress not saved: %s", exc)
+        _save_meta(job)
     return report
 
 
@@ -288,10 +293,7 @@ def _job_stage(job):
             stages.append([job.meta["stage"], job.meta.get("done"), job.meta.get("total")])
         stages.append([name, None, None])
         job.meta.update({"stage": name, "done": None, "total": None, "stages": stages})
-        try:
-            job.save_meta()
-        except Exception as exc:   # noqa: BLE001 - progress is a courtesy; the training goes on
-            log.debug("progress not saved: %s", exc)
+        _save_meta(job)
     return report
 
 
