@@ -18,7 +18,9 @@ Sets:
   trained on one and scored on the other (``--thresholds``).
 - ``horse``: the Label Studio cycle of the issue, offline: labels horse and dog, 20 annotated photos
   of the Weizmann train split (tag and mask), then the tags chosen for the other train horses (dev)
-  and for the 49 test horses: how many are tagged "horse" alone.
+  and for the 49 test horses: how many are tagged "horse" alone; and the guards, MSRC-v2's dogs
+  (and cows, with the labels horse, dog, cow) in that project: how many keep their label. Beside
+  "after": the same heads without the nearest annotated photo (:mod:`explainers.tag_neighbours`).
 - ``weights``: the prior weight of :class:`~explainers.tag_choice.TagPrior` on the dev photos,
   ImageNet's scores only: MSRC dev in two halves (counts from one, tags chosen on the other, the
   ImageNet-named objects), and the 20-annotated train horses.
@@ -177,18 +179,44 @@ def run_horse(engine, args) -> None:
                   for s in stems}
         return sum(c == ["horse"] for c in chosen.values()), sum("dog" in c for c in chosen.values())
 
+    _, split, truth = msrc_photos()
+    guard_sets = {(part, label): [s for s in split[part] if label in truth[s]]
+                  for part in ("dev", "test") for label in ("dog", "cow")}
+
+    def guards():
+        """Per MSRC set: how many photos keep their own label (dog; cow with the labels horse, dog, cow)."""
+        kept = {}
+        for (part, label), stems in guard_sets.items():
+            project = labels if label == "dog" else [*labels, "cow"]
+            kept[part, label] = sum(
+                label in choose_tags(engine.choice_scores(load_image(MSRC / "images" / f"{s}.png"), project),
+                                     args.threshold, args.max_tags) for s in stems)
+        return kept
+
     engine.set_heads(None)
     before = {name: horse_only(st) for name, st in (("dev", others), ("test", test))}
+    guard_before = guards()
     with tempfile.TemporaryDirectory() as tmp:
         heads, _ = train_project(engine.backbone, samples, Path(tmp), "horses")
         engine.set_heads(heads)
         after = {name: horse_only(st) for name, st in (("dev", others), ("test", test))}
+        guard_after = guards()
+        neighbours, heads.tag_neighbours = heads.tag_neighbours, None     # the prior alone, for comparison
+        prior_only = {name: horse_only(st) for name, st in (("dev", others), ("test", test))}
+        guard_prior = guards()
+        heads.tag_neighbours = neighbours
     engine.set_heads(None)
     print(f"\nhorse + dog project, 20 annotated train horses (tag and mask), threshold {args.threshold}:")
     for name, st in (("other train horses (dev)", others), ("test horses", test)):
         key = "dev" if "dev" in name else "test"
         print(f"  {name:26s} {len(st):3d} photos: tagged 'horse' alone {before[key][0]:3d} before -> "
-              f"{after[key][0]:3d} after; 'dog' among the tags {before[key][1]:3d} -> {after[key][1]:3d}")
+              f"{after[key][0]:3d} after (prior alone {prior_only[key][0]:3d}); 'dog' among the tags "
+              f"{before[key][1]:3d} -> {after[key][1]:3d} (prior alone {prior_only[key][1]:3d})")
+    print("  the guards (a label never annotated, with real evidence; cows with the labels horse, dog, cow):")
+    for (part, label), stems in guard_sets.items():
+        print(f"  MSRC-v2 {part} photos of {label:4s} {len(stems):3d}: keep their label "
+              f"{guard_before[part, label]:3d} before -> {guard_after[part, label]:3d} after (prior alone "
+              f"{guard_prior[part, label]:3d})")
 
 
 def run_weights(engine, args) -> None:

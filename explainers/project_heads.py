@@ -3,7 +3,8 @@
 Built from a :class:`~explainers.training.TrainResult` or a checkpoint dict
 (:meth:`ProjectHeads.from_checkpoint`); carries the fusion choice made on validation
 (``fusion_weight``, ``fusion`` per label) that :class:`~explainers.segment.Tag2Mask` reads, and the
-project's label frequencies (``tag_prior``) that weigh an untagged photo's tag scores.
+project's label frequencies (``tag_prior``) and annotated photos (``tag_neighbours``) that weigh an
+untagged photo's tag scores.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from explainers.backbones import Backbone
 from explainers.heads import BackboneFeatures, ClassifierHead, SegHead
 from explainers.tag_choice import TagPrior
+from explainers.tag_neighbours import TagNeighbours
 
 __all__ = ["ProjectHeads"]
 
@@ -28,10 +30,12 @@ class ProjectHeads:
 
     def __init__(self, backbone: Backbone, classifier: ClassifierHead | None, segmenter: SegHead | None,
                  layers: Sequence[str], size: int, fusion_weight: float | None = None,
-                 fusion: dict | None = None, tag_prior: TagPrior | None = None, head_cam: str | None = None):
+                 fusion: dict | None = None, tag_prior: TagPrior | None = None, head_cam: str | None = None,
+                 tag_neighbours: TagNeighbours | None = None):
         self.backbone = backbone
         self.head_cam = head_cam       # which labels take the classifier head's CAM (None: the engine's config)
         self.tag_prior = tag_prior     # the project's label frequencies (explainers.tag_choice), None: unknown
+        self.tag_neighbours = tag_neighbours   # its annotated photos (explainers.tag_neighbours), None: unknown
         self.fusion_weight = None if fusion_weight is None else float(fusion_weight)   # chosen on validation
         # per label, chosen on validation: {label: {"weight", "crf"}} (Tag2Mask.fusion_for); older
         # checkpoints have only fusion_weight
@@ -56,7 +60,7 @@ class ProjectHeads:
             return head
         return cls(backbone, unpack("classifier"), unpack("segmenter"), ckpt["layers"], ckpt["size"],
                    ckpt.get("fusion_weight"), ckpt.get("fusion"), TagPrior.from_dict(ckpt.get("tag_prior")),
-                   ckpt.get("head_cam"))
+                   ckpt.get("head_cam"), TagNeighbours.from_dict(ckpt.get("tag_neighbours")))
 
     @property
     def labels(self) -> list[str]:

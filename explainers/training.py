@@ -59,6 +59,7 @@ from explainers.project_heads import ProjectHeads
 from explainers.samples import Sample, split_samples
 from explainers.seg_targets import PseudoMasks, seg_targets
 from explainers.tag_choice import TagPrior, count_labels
+from explainers.tag_neighbours import TagNeighbours
 from explainers.train_config import TrainConfig
 from explainers.train_metrics import average_precision, fg_iou_scores, tag_metrics
 
@@ -90,12 +91,14 @@ class TrainResult:
     refit_keys: list[str] = field(default_factory=list)   # the examples the served heads were refit on
     tag_prior: TagPrior | None = None    # how often each label was annotated, over every example (tag choice)
     head_cam: str | None = None          # which labels take the classifier head's CAM when served (None: the config's)
+    tag_neighbours: TagNeighbours | None = None   # the annotated photos' features and labels (tag choice)
 
     def checkpoint(self) -> dict:
         """Everything a worker needs, as plain types + tensors (``torch.load(weights_only=True)``-safe);
         ``"fusion_weight"`` and ``"fusion"`` (per label) only when chosen
         (:mod:`explainers.segment.fusion_tuning`); ``"tag_prior"``: the label counts of
-        :class:`explainers.tag_choice.TagPrior`."""
+        :class:`explainers.tag_choice.TagPrior`; ``"tag_neighbours"``: the annotated photos of
+        :class:`explainers.tag_neighbours.TagNeighbours`."""
         def pack(head):
             if head is None:
                 return None
@@ -108,6 +111,8 @@ class TrainResult:
             ckpt["tag_prior"] = self.tag_prior.to_dict()
         if self.head_cam is not None:
             ckpt["head_cam"] = str(self.head_cam)
+        if self.tag_neighbours is not None:
+            ckpt["tag_neighbours"] = self.tag_neighbours.to_dict()
         if self.fusion:
             ckpt["fusion"] = {str(label): {"weight": float(c["weight"]), "crf": bool(c.get("crf", True))}
                               for label, c in self.fusion.items()}
@@ -242,10 +247,13 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         "skipped": skipped,
     }
     every = [*samples, *(validation or [])]
+    annotated = [(e, s) for e, s in zip([*train_entries, *val_entries], [*train, *val])]
+    neighbours = TagNeighbours.build(torch.stack([e["pooled"][0] for e, _ in annotated]),
+                                     [s.all_tags() for _, s in annotated])
     return TrainResult(labels=labels, classifier=classifier, segmenter=segmenter, validation=scores, counts=counts,
                        seconds=seconds, backbone=backbone.name, layers=list(features.layers), size=cfg.size,
                        config=asdict(cfg), train_keys=[str(s.key) for s in train], val_keys=[str(s.key) for s in val],
-                       tag_prior=count_labels([s.all_tags() for s in every]))
+                       tag_prior=count_labels([s.all_tags() for s in every]), tag_neighbours=neighbours)
 
 
 def refit_heads(backbone: Backbone, result: TrainResult, samples: Sequence[Sample], config: TrainConfig | None = None,

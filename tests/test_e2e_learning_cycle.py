@@ -6,10 +6,11 @@ training the ImageNet classifier tags many Weizmann horses "dog" (Great Danes). 
 get annotations (Choices "horse" and their true brush mask), Start training makes a version, and
 Retrieve predictions runs again on 20 other horses (the test split's first 20): their tags and the
 fg IoU of their brush masks (every brush region, whatever its label, against the horse) are counted
-before and after. Measured: 9 -> 17 of 20 tagged "horse" alone, brush fg IoU 0.789 -> 0.826, Start
-training to a promoted version 22 s (2 CPU cores); the issue asks for 19 of 20 and +0.05, not met:
-the three still tagged "dog" are photos where ImageNet's "horse" (sorrel) is below 0.005 and its
-"dog" above 0.5, and the seg head is fused only into the tags it learnt.
+before and after. Measured: 9 -> 20 of 20 tagged "horse" alone, brush fg IoU 0.7889 -> 0.8392
+(+0.0503), Start training to a promoted version 30 s (2 CPU cores); the issue asks for 19 of 20 and
++0.05. With the label frequencies alone it was 17 of 20 and +0.037: three photos where ImageNet's
+"horse" (sorrel) is below 0.005 and its "dog" above 0.5 stayed "dog" (and a horse tagged "dog" gets
+no seg head); the nearest annotated photo (:mod:`explainers.tag_neighbours`) makes them "horse".
 
     TAG2MASK_THREADS=1 pytest tests/test_e2e_learning_cycle.py -m labelstudio -s
 """
@@ -124,8 +125,8 @@ def test_corrections_make_the_project_tag_its_horses_horse_and_improve_their_mas
     gain = float(np.mean(iou_after) - np.mean(iou_before))
     print(f"\n20 other horses tagged 'horse' alone: {horse_before} before -> {horse_after} after "
           f"(dog among the tags {sum('dog' in t for t in tags_before)} -> {sum('dog' in t for t in tags_after)}); "
-          f"brush fg IoU {np.mean(iou_before):.3f} -> {np.mean(iou_after):.3f}; "
+          f"brush fg IoU {np.mean(iou_before):.4f} -> {np.mean(iou_after):.4f} ({gain:+.4f}); "
           f"Start training to a promoted version {train_s:.0f} s")
     assert horse_before <= 15                 # the premise: ImageNet alone calls many of them dogs
-    assert horse_after >= 16 and sum("dog" in t for t in tags_after) < sum("dog" in t for t in tags_before), tags_after
-    assert gain >= 0.02, (iou_before, iou_after)
+    assert horse_after >= 19 and sum("dog" in t for t in tags_after) < sum("dog" in t for t in tags_before), tags_after
+    assert gain >= 0.04, (iou_before, iou_after)      # measured +0.050; the label frequencies alone gave +0.037

@@ -188,6 +188,9 @@ class ModelRegistry:
                 "size": result.size, "config": result.config, **extra}
         if getattr(result, "tag_prior", None) is not None:
             meta["tag_prior"] = result.tag_prior.to_dict()     # what the tag choice learnt from
+        neighbours = getattr(result, "tag_neighbours", None)
+        if neighbours is not None:       # the annotated photos it compares untagged ones with
+            meta["tag_neighbours"] = {"photos": len(neighbours.tags), "cut": neighbours.cut}
         return self.save(project, result.checkpoint(), meta)
 
     def meta(self, project, version: str) -> dict:

@@ -429,32 +429,47 @@ class Tag2Mask:
         on skimage's cat), whereas ImageNet's softmax never degenerates so; there ImageNet keeps
         the label. ``"always"`` scores every label the head knows with the head.
         """
+        return self._scores_and_feature(image_rgb, tags, head_mode, False)[0]
+
+    def _scores_and_feature(self, image_rgb: np.ndarray, tags: Sequence[str], head_mode: str | None,
+                            want_feature: bool) -> tuple[dict[str, float], torch.Tensor | None]:
+        """(:meth:`tag_scores`, the photo's pooled feature at the heads' layer when the heads' layer
+        was recorded: for the head's labels, or when `want_feature`; else None)."""
         image = check_image(image_rgb)
         h, w = image.shape[:2]
         head = set(self._head_tags(tags, head_mode))
         x = self.backbone.to_tensor(image, pass_size(h, w, 1.0, self.config.cam))
         layer = self.backbone.target_layers[0]
-        with LayerRecorder(self.backbone.model, [layer] if head else []) as rec:
+        record = bool(head) or want_feature
+        with LayerRecorder(self.backbone.model, [layer] if record else []) as rec:
             p = self.backbone.predict(x)[0]
-        scores = {}
+        scores, pooled = {}, None
+        if record:
+            pooled = rec[layer].float().mean(dim=(2, 3))
         if head:
             classifier = self.heads.classifier
-            probs = classifier.predict_proba(rec[layer].float().mean(dim=(2, 3)))[0]
+            probs = classifier.predict_proba(pooled)[0]
             scores = {t: float(probs[classifier.labels.index(t)]) for t in head}
-        return {tag: scores[tag] if tag in head else float(p[list(self.class_set(tag))].sum()) for tag in tags}
+        scores = {tag: scores[tag] if tag in head else float(p[list(self.class_set(tag))].sum()) for tag in tags}
+        return scores, pooled
 
     def choice_scores(self, image_rgb: np.ndarray, tags: Sequence[str]) -> dict[str, float]:
         """The scores that choose an untagged photo's tags: :meth:`tag_scores`, where the project's heads
         carry its label frequencies (``heads.tag_prior``, :class:`explainers.tag_choice.TagPrior`), those
         of the tags the classifier head does not score moved by the label's prior log-odds (the head's
-        own scores hold the frequency already). Without heads or counts: :meth:`tag_scores`."""
+        own scores hold the frequency already), then, where the heads keep the annotated photos
+        (``heads.tag_neighbours``, :class:`explainers.tag_neighbours.TagNeighbours`), moved half-way to
+        the labels of the nearest annotated photo when the photo is near one. Without heads: :meth:`tag_scores`."""
         mode = self.config.fusion.head_cam     # the head scores what it learnt, whatever its CAM serves
-        scores = self.tag_scores(image_rgb, tags, head_mode=mode)
         prior = getattr(self.heads, "tag_prior", None)
-        if prior is None:
-            return scores
+        neighbours = getattr(self.heads, "tag_neighbours", None)
+        scores, pooled = self._scores_and_feature(image_rgb, tags, mode, neighbours is not None)
         head = set(self._head_tags(tags, mode))
-        return {t: s if t in head else prior.adjust(t, s) for t, s in scores.items()}
+        if prior is not None:
+            scores = {t: s if t in head else prior.adjust(t, s) for t, s in scores.items()}
+        if neighbours is not None and pooled is not None:
+            scores = neighbours.blend(scores, pooled[0], [t for t in scores if t not in head])
+        return scores
 
     def classify(self, image_rgb: np.ndarray, top_k: int = 5) -> list[tuple[str, float]]:
         """The classifier's own top tags: class probabilities summed per tag (tag_for_class), best first."""
