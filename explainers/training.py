@@ -247,9 +247,8 @@ def train_heads(backbone: Backbone, samples: Sequence[Sample], labels: Sequence[
         "skipped": skipped,
     }
     every = [*samples, *(validation or [])]
-    annotated = [(e, s) for e, s in zip([*train_entries, *val_entries], [*train, *val])]
-    neighbours = TagNeighbours.build(torch.stack([e["pooled"][0] for e, _ in annotated]),
-                                     [s.all_tags() for _, s in annotated])
+    neighbours = TagNeighbours.build(torch.stack([e["pooled"][0] for e in [*train_entries, *val_entries]]),
+                                     [s.all_tags() for s in [*train, *val]])     # view 0: the photo unflipped
     return TrainResult(labels=labels, classifier=classifier, segmenter=segmenter, validation=scores, counts=counts,
                        seconds=seconds, backbone=backbone.name, layers=list(features.layers), size=cfg.size,
                        config=asdict(cfg), train_keys=[str(s.key) for s in train], val_keys=[str(s.key) for s in val],
