@@ -102,7 +102,7 @@ def test_the_nearest_annotated_photo_speaks_for_labels_the_head_cannot_score(bac
     from explainers.heads import BackboneFeatures
     from explainers.imageio import load_image
     from explainers.samples import Sample
-    from explainers.tag_neighbours import TagNeighbours
+    from explainers.tag_neighbours import MAX_PHOTOS, TagNeighbours
 
     cache = FeatureCache(BackboneFeatures(backbone), 256, False)
 
@@ -131,6 +131,8 @@ def test_the_nearest_annotated_photo_speaks_for_labels_the_head_cannot_score(bac
     assert back.nearest(far[0])[0] == pytest.approx(nb.nearest(far[0])[0], abs=2e-3)
     with pytest.raises(ValueError):
         TagNeighbours(horses, [["horse"]] * 3, 0.5)
+    many = TagNeighbours.build(horses.repeat(126, 1), [["horse"]] * 2520)      # a project's size is capped
+    assert len(many.tags) == MAX_PHOTOS and many.features.shape == (MAX_PHOTOS, horses.shape[1])
 
 
 @pytest.fixture(scope="module")
