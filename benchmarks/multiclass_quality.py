@@ -162,6 +162,8 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def _value(current, text: str):
+    if text.lower() == "none":
+        return None
     if isinstance(current, bool):
         return text.lower() in ("1", "true", "yes")
     if isinstance(current, tuple) or ";" in text:
@@ -171,7 +173,10 @@ def _value(current, text: str):
         except ValueError:
             return tuple(items)
     if current is None:
-        return None if text.lower() == "none" else text
+        try:
+            return float(text)
+        except ValueError:
+            return text
     return type(current)(text)
 
 

@@ -239,3 +239,31 @@ def test_affinity_propagation_spreads_along_similar_features():
     assert out.shape == (32, 32) and float(out.max()) == pytest.approx(1.0)
     assert out[:, :12].mean() > 0.9     # the whole left half lights up...
     assert out[:, 20:].max() < 0.05     # ...the right half not at all
+
+
+def test_scales_weigh_by_each_tags_probability_and_mirror_up_to_a_scale():
+    import torch
+
+    from explainers.segment.cam_stage import affinity_pass, combine_scales, flips, fold_passes
+    from explainers.segment.config import CAMConfig
+
+    whole = torch.zeros(2, 4, 4)
+    whole[:, :2] = 1.0                      # scale 1: both tags on the top half
+    zoom = torch.zeros(2, 4, 4)
+    zoom[:, 3, 3] = 1.0                     # scale 2: both tags on one corner cell
+    probs = [torch.tensor([0.9, 0.01]), torch.tensor([0.1, 0.5])]   # tag 0 is seen whole, tag 1 when zoomed
+    assert torch.equal(combine_scales([whole, zoom], probs, 0.0), whole + zoom)   # power 0: the plain sum
+    out = combine_scales([whole, zoom], probs, 1.0)
+    assert out[0, 0, 0] > 5 * out[0, 3, 3]   # tag 0 follows the whole photo...
+    assert out[1, 3, 3] > 5 * out[1, 0, 0]   # ...tag 1 the zoomed pass
+    assert torch.allclose(out.sum(), (whole + zoom).sum(), rtol=0.5)
+    assert torch.equal(combine_scales([whole], probs[:1], 2.0), whole)
+
+    cfg = CAMConfig(scales=(1.0, 2.0), flip_max_scale=1.0)
+    assert (flips(cfg, 1.0), flips(cfg, 2.0)) == (True, False)
+    assert not flips(CAMConfig(flip=False), 1.0) and flips(CAMConfig(), 2.0)
+    assert affinity_pass(cfg) == 1 and affinity_pass(CAMConfig(scales=(1.0, 2.0), affinity_scale=1.0)) == 0
+    # a pass with its mirror image counts as much as one without (each map scaled to a max of 1)
+    pair = torch.stack([whole * 3, whole.flip(-1) * 5])
+    assert torch.allclose(fold_passes(pair, True), whole)
+    assert torch.allclose(fold_passes(whole[None] * 7, False), whole)

@@ -1,10 +1,13 @@
 """Stage 1: class activation maps of all a photo's tags, multi-scale and flipped, at a working resolution.
 
-Every pass (one scale; the photo and its mirror image batched together) computes the maps of all K
-tags from a single forward pass (K targets, each a class set). Each pass's maps are scaled to a max
-of 1 per tag, so that every scale counts equally, resampled to the working resolution, mirrored back
-when flipped, and averaged. Optionally (``affinity``) the averaged maps then take a few random-walk
-steps over the similarity graph of a middle layer's features (recorded in the largest pass):
+Every pass (one scale; the photo and its mirror image batched together, up to ``flip_max_scale``)
+computes the maps of all K tags from a single forward pass (K targets, each a class set). Each pass's
+maps are scaled to a max of 1 per tag, resampled to the working resolution, mirrored back when
+flipped, and averaged over the scales, each tag's maps weighted per pass by (its probability in that
+pass) ** ``scale_weight_power`` (:func:`combine_scales`): a small object the classifier only sees in
+the 448-px pass takes its map from there, a large one seen whole from the 224-px pass. Optionally
+(``affinity``) the averaged maps then take a few random-walk steps over the similarity graph of a
+middle layer's features (recorded in the pass nearest ``affinity_scale``, by default the largest):
 activation spreads from the most discriminative parts (a horse's head) to the cells that look alike
 (the rest of the horse), which plain CAMs leave out. Everything stays on the backbone's device; the
 caller moves the result. That loop over scales is :func:`multi_scale`, which the head's CAM
@@ -115,15 +118,16 @@ class CAMStage:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         targets = [[list(c) for c in sets] for sets in class_sets_per_image]
         works = [working_size(*img.shape[:2], self.cfg.work_side) for img in images]
-        totals: list[torch.Tensor | None] = [None] * len(images)
+        totals: list[list[torch.Tensor]] = [[] for _ in images]
         probs: list[list[torch.Tensor]] = [[] for _ in images]
         features: list[torch.Tensor | None] = [None] * len(images)
-        largest = int(np.argmax(self.cfg.scales))
+        largest = affinity_pass(self.cfg)
         for s, scale in enumerate(self.cfg.scales):
             record = bool(self.affinity_layer) and s == largest
             for size, rows in self._groups(images, works, scale, max_batch):
-                for i, maps, p, feats in self._group_pass(images, rows, size, works, targets, record):
-                    totals[i] = maps if totals[i] is None else totals[i] + maps
+                flip = flips(self.cfg, scale)
+                for i, maps, p, feats in self._group_pass(images, rows, size, works, targets, record, flip):
+                    totals[i].append(maps)
                     probs[i].append(p)
                     if record:
                         features[i] = feats
@@ -145,13 +149,13 @@ class CAMStage:
 
     def _group_pass(self, images: Sequence[np.ndarray], rows: list[int], size: tuple[int, int],
                     works: Sequence[tuple[int, int]], targets: list[list[list[int]]],
-                    record: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                    record: bool, flip: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """One batched pass of the photos `rows` at pass `size` -> per photo (index, its flip-folded
         maps (K, h, w) at its working size, its tag probabilities (K,), its affinity features
         (1, C, h', w') when `record`)."""
         n = len(rows)
         x = self.backbone.to_tensor([images[i] for i in rows], size)
-        if self.cfg.flip:
+        if flip:
             x = torch.cat([x, x.flip(-1)])   # rows j and j + n: photo j and its mirror image
         k_max = max(len(targets[i]) for i in rows)
         padded = [targets[i] + [targets[i][-1]] * (k_max - len(targets[i])) for i in rows]
@@ -166,7 +170,7 @@ class CAMStage:
             if not fused:
                 maps = F.interpolate(maps, size=works[i], mode="bilinear", align_corners=False)
             feats = rec[self.affinity_layer][j:j + 1].detach().clone() if record else None
-            yield i, fold_passes(maps, self.cfg.flip), _tag_probs(res.logits[j::n], targets[i]), feats
+            yield i, fold_passes(maps, flip), _tag_probs(res.logits[j::n], targets[i]), feats
 
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the target layer's output for a pass of `size` (cached per size): a probe forward
@@ -201,43 +205,66 @@ def multi_scale(backbone: Backbone, image: np.ndarray, cfg: CAMConfig, affinity:
     (:func:`finish_maps`). The CAM stage and the head's CAM (:mod:`head_cam`) both run this loop."""
     h, w = image.shape[:2]
     work = working_size(h, w, cfg.work_side)
-    total = None
+    passes = []
     probs = []
     features = None
-    largest = int(np.argmax(cfg.scales))
+    largest = affinity_pass(cfg)
     for i, scale in enumerate(cfg.scales):
         x = backbone.to_tensor(image, pass_size(h, w, scale, cfg))
-        if cfg.flip:
+        flip = flips(cfg, scale)
+        if flip:
             x = torch.cat([x, x.flip(-1)])
         record = affinity and i == largest
         maps, p, feats = one_pass(x, work, record)
         if record:
             features = feats
-        maps = fold_passes(maps, cfg.flip)
-        total = maps if total is None else total + maps
+        passes.append(fold_passes(maps, flip))
         probs.append(p)
-    return finish_maps(total, probs, features, work, cfg)
+    return finish_maps(passes, probs, features, work, cfg)
+
+
+def flips(cfg: CAMConfig, scale: float) -> bool:
+    """Whether the pass at `scale` adds the mirror image (``cfg.flip``, up to ``cfg.flip_max_scale``)."""
+    return cfg.flip and (cfg.flip_max_scale is None or scale <= cfg.flip_max_scale)
+
+
+def affinity_pass(cfg: CAMConfig) -> int:
+    """Index of the scale whose pass records the affinity features."""
+    if cfg.affinity_scale is None:
+        return int(np.argmax(cfg.scales))
+    return int(np.argmin([abs(s - cfg.affinity_scale) for s in cfg.scales]))
 
 
 def fold_passes(maps: torch.Tensor, flip: bool) -> torch.Tensor:
     """(1 or 2, K, h, w) maps of one pass of a photo (and, when `flip`, its mirror image) -> (K, h, w):
-    the mirror's maps flipped back, each map scaled to a max of 1, summed."""
+    the mirror's maps flipped back, each map scaled to a max of 1, averaged (a pass counts the same with or without its mirror)."""
     if flip:
         maps = torch.stack([maps[0], maps[1].flip(-1)])
     peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
-    return (maps / peak).sum(dim=0)
+    return (maps / peak).mean(dim=0)
 
 
-def finish_maps(total: torch.Tensor, probs: Sequence[torch.Tensor], features: torch.Tensor | None,
+def finish_maps(passes: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], features: torch.Tensor | None,
                 work: tuple[int, int], cfg: CAMConfig) -> CAMOutput:
     """The summed maps of all passes scaled to a max of 1 per tag, propagated (with the clutter
     guard) when affinity features were recorded; the tag probabilities averaged over passes."""
+    total = combine_scales(passes, probs, cfg.scale_weight_power)
     peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
     maps = total / peak
     if features is not None:
         walked = propagate(maps, features, cfg.affinity_beta, cfg.affinity_steps)
         maps = guard_cover(maps, walked, cfg.cover_limit, cfg.cover_fallback)
     return CAMOutput(maps=maps, probs=torch.stack(list(probs)).mean(0), work_size=work)
+
+
+def combine_scales(passes: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], power: float) -> torch.Tensor:
+    """The (K, h, w) folded maps of each scale -> their weighted sum: per tag, a scale weighs
+    (its probability of the tag) ** `power`, normalised over the scales (0 = every scale counts alike)."""
+    if len(passes) == 1 or power == 0:
+        return torch.stack(list(passes)).sum(0)
+    p = torch.stack(list(probs)).clamp_min(1e-8) ** power            # (S, K)
+    w = p / p.sum(0, keepdim=True) * len(passes)
+    return (torch.stack(list(passes)) * w[:, :, None, None]).sum(0)
 
 
 @torch.no_grad()
