@@ -197,6 +197,10 @@ def test_unknown_config_values_fail_clearly(backbone):
         PipelineConfig.preset("turbo")
     with pytest.raises(ValueError, match="CAM method"):
         Tag2Mask(backbone, PipelineConfig().replace(**{"cam.method": "nope"}))
+    with pytest.raises(ValueError, match="scale_weight_power"):
+        Tag2Mask(backbone, PipelineConfig().replace(**{"cam.scale_weight_power": -1.0}))
+    with pytest.raises(ValueError, match="scale_weight_power"):
+        Tag2Mask(backbone, PipelineConfig().replace(**{"cam.scale_weight_power": float("nan")}))
     with pytest.raises(AttributeError):
         PipelineConfig().replace(**{"crf.sigma": 3})
 

@@ -76,6 +76,8 @@ class CAMStage:
             raise ValueError(f"unknown CAM method {cfg.method!r}; choose one of {', '.join(METHODS)}")
         if not cfg.scales:
             raise ValueError("CAMConfig.scales is empty")
+        if not cfg.scale_weight_power >= 0:
+            raise ValueError(f"CAMConfig.scale_weight_power must be >= 0, got {cfg.scale_weight_power!r}")
         layers = list(cfg.layers) if cfg.layers else (backbone.fusion_layers if cfg.fusion else backbone.target_layers)
         self.backbone = backbone
         self.cfg = cfg
@@ -90,7 +92,7 @@ class CAMStage:
         targets = [list(c) for c in class_sets]
 
         def one_pass(x: torch.Tensor, work: tuple[int, int], record: bool):
-            if record:   # features of the largest pass (unflipped photo)
+            if record:   # features of the walk's pass (unflipped photo)
                 with LayerRecorder(self.backbone.model, [self.affinity_layer]) as rec:
                     res = self.method.compute(x, [targets] * x.shape[0], output_size=work, normalize=False)
                 features = rec[self.affinity_layer][:1].detach()
@@ -118,20 +120,20 @@ class CAMStage:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         targets = [[list(c) for c in sets] for sets in class_sets_per_image]
         works = [working_size(*img.shape[:2], self.cfg.work_side) for img in images]
-        totals: list[list[torch.Tensor]] = [[] for _ in images]
+        passes: list[list[torch.Tensor]] = [[] for _ in images]
         probs: list[list[torch.Tensor]] = [[] for _ in images]
         features: list[torch.Tensor | None] = [None] * len(images)
-        largest = affinity_pass(self.cfg)
+        walk_pass = affinity_pass(self.cfg)
         for s, scale in enumerate(self.cfg.scales):
-            record = bool(self.affinity_layer) and s == largest
+            record = bool(self.affinity_layer) and s == walk_pass
+            flip = flips(self.cfg, scale)
             for size, rows in self._groups(images, works, scale, max_batch):
-                flip = flips(self.cfg, scale)
                 for i, maps, p, feats in self._group_pass(images, rows, size, works, targets, record, flip):
-                    totals[i].append(maps)
+                    passes[i].append(maps)
                     probs[i].append(p)
                     if record:
                         features[i] = feats
-        return [finish_maps(t, p, f, work, self.cfg) for t, p, f, work in zip(totals, probs, features, works)]
+        return [finish_maps(m, p, f, work, self.cfg) for m, p, f, work in zip(passes, probs, features, works)]
 
     def _groups(self, images: Sequence[np.ndarray], works: Sequence[tuple[int, int]], scale: float,
                 max_batch: int) -> Iterator[tuple[tuple[int, int], list[int]]]:
@@ -149,8 +151,10 @@ class CAMStage:
 
     def _group_pass(self, images: Sequence[np.ndarray], rows: list[int], size: tuple[int, int],
                     works: Sequence[tuple[int, int]], targets: list[list[list[int]]],
-                    record: bool, flip: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """One batched pass of the photos `rows` at pass `size` -> per photo (index, its flip-folded
+                    record: bool, flip: bool
+                    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """One batched pass of the photos `rows` at pass `size` (with their mirror images when `flip`)
+        -> per photo (index, its flip-folded
         maps (K, h, w) at its working size, its tag probabilities (K,), its affinity features
         (1, C, h', w') when `record`)."""
         n = len(rows)
@@ -197,24 +201,24 @@ PassFn = Callable[[torch.Tensor, tuple[int, int], bool], tuple[torch.Tensor, tor
 
 
 def multi_scale(backbone: Backbone, image: np.ndarray, cfg: CAMConfig, affinity: bool, one_pass: PassFn) -> CAMOutput:
-    """The passes of one photo, summed and finished: at each of ``cfg.scales`` the photo at
-    :func:`pass_size` (and, with ``cfg.flip``, its mirror image, batched with it) goes through
+    """The passes of one photo, combined and finished: at each of ``cfg.scales`` the photo at
+    :func:`pass_size` (and, where :func:`flips` says so, its mirror image, batched with it) goes through
     ``one_pass(x, work size, record)`` -> (maps (R, K, h, w) at the working size, tag probabilities
-    (K,), affinity features (1, C, h', w') or None); `record` is true in the largest pass when
-    `affinity`. The maps are folded (:func:`fold_passes`), summed over the scales and finished
+    (K,), affinity features (1, C, h', w') or None); `record` is true in :func:`affinity_pass` when
+    `affinity`. The maps are folded (:func:`fold_passes`) and finished, weighted over the scales
     (:func:`finish_maps`). The CAM stage and the head's CAM (:mod:`head_cam`) both run this loop."""
     h, w = image.shape[:2]
     work = working_size(h, w, cfg.work_side)
     passes = []
     probs = []
     features = None
-    largest = affinity_pass(cfg)
+    walk_pass = affinity_pass(cfg)
     for i, scale in enumerate(cfg.scales):
         x = backbone.to_tensor(image, pass_size(h, w, scale, cfg))
         flip = flips(cfg, scale)
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        record = affinity and i == largest
+        record = affinity and i == walk_pass
         maps, p, feats = one_pass(x, work, record)
         if record:
             features = feats
@@ -237,7 +241,8 @@ def affinity_pass(cfg: CAMConfig) -> int:
 
 def fold_passes(maps: torch.Tensor, flip: bool) -> torch.Tensor:
     """(1 or 2, K, h, w) maps of one pass of a photo (and, when `flip`, its mirror image) -> (K, h, w):
-    the mirror's maps flipped back, each map scaled to a max of 1, averaged (a pass counts the same with or without its mirror)."""
+    the mirror's maps flipped back, each map scaled to a max of 1, averaged (so a pass counts the same
+    with or without its mirror)."""
     if flip:
         maps = torch.stack([maps[0], maps[1].flip(-1)])
     peak = maps.flatten(2).amax(dim=2).clamp_min(1e-8)[:, :, None, None]
@@ -246,8 +251,9 @@ def fold_passes(maps: torch.Tensor, flip: bool) -> torch.Tensor:
 
 def finish_maps(passes: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], features: torch.Tensor | None,
                 work: tuple[int, int], cfg: CAMConfig) -> CAMOutput:
-    """The summed maps of all passes scaled to a max of 1 per tag, propagated (with the clutter
-    guard) when affinity features were recorded; the tag probabilities averaged over passes."""
+    """The folded maps of each pass combined over the scales (:func:`combine_scales`), scaled to a
+    max of 1 per tag, propagated (with the clutter guard) when affinity features were recorded; the
+    tag probabilities averaged over passes."""
     total = combine_scales(passes, probs, cfg.scale_weight_power)
     peak = total.flatten(1).amax(dim=1).clamp_min(1e-8)[:, None, None]
     maps = total / peak

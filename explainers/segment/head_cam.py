@@ -16,7 +16,7 @@ calibrated weights (:func:`explainers.head_training.train_classifier` says why).
 :class:`HeadCAM` makes those maps with the passes of the CAM stage
 (:func:`~explainers.segment.cam_stage.multi_scale`: the same pass sizes, scales and flip, ReLU at the
 layer's resolution, bilinear to the working size, per-pass peak normalisation, average) and its post-steps (``propagate`` over the affinity layer's features of the
-largest pass, then ``guard_cover``), and returns a :class:`~explainers.segment.cam_stage.CAMOutput`
+walk's pass (``affinity_pass``), then ``guard_cover``), and returns a :class:`~explainers.segment.cam_stage.CAMOutput`
 whose ``probs`` are the head's sigmoid probabilities (mean over the passes and mirror images).
 Everything stays on the backbone's device.
 """
@@ -96,7 +96,7 @@ class HeadCAM:
     def __call__(self, image: np.ndarray, labels: Sequence[str]) -> CAMOutput:
         def one_pass(x: torch.Tensor, work: tuple[int, int], record: bool):
             raw, logits, rec = self.layer_maps(x, labels, [self.affinity_layer] if record else [])
-            # features of the largest pass (unflipped photo), as the CAM stage takes them
+            # features of the walk's pass (unflipped photo), as the CAM stage takes them
             features = rec[self.affinity_layer][:1] if record else None
             maps = F.interpolate(F.relu(raw), size=work, mode="bilinear", align_corners=False)
             return maps, logits.sigmoid().mean(0), features
