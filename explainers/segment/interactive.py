@@ -7,15 +7,18 @@ photo's pixels. :class:`PromptSegmenter` turns a photo, a prompt and, optionally
    photo, and the part of its mask that a positive click hits, grown by ``click_grow``, is the box
    (the clicks stay as sure foreground). Clicks on a tag without (or hitting nothing) are worked out
    in a window around them (``click_window`` x the photo's short side) by GrabCut.
-2. **A box, with class evidence** (a tag the engine can segment): the engine's pipeline runs on the
-   box grown by ``margin`` (the object then fills the CAM passes), and its probability of the tag,
-   cut at 0.5 inside the box, is the answer, when the classifier sees the tag in the box (probability
-   >= ``prior_min_prob``) and that mask's bounding box fits the drawn box (IoU >= ``prior_fit``: an
-   annotator's box holds the whole object, tightly).
-3. **A box otherwise** (no class evidence, or a prior that misses the box): the box's features
+2. **A box, with class evidence** (a tag the engine can segment): the tag's CAM over the box grown by
+   ``margin`` (the object then fills the CAM pass), calibrated on that crop (a pixel is the tag's
+   where the CAM is above the crop's Otsu threshold: :func:`cam_foreground`), is averaged
+   (``cam_weight``) with the box's features' foreground (3.), and the dense CRF (``feature_crf``)
+   cuts the average. That is the answer when the mask's bounding box fits the drawn box (IoU >=
+   ``prior_fit``: an annotator's box holds the whole object, tightly) and, if ``prior_min_prob`` is
+   set, the classifier sees the tag in the box with at least that probability.
+3. **A box otherwise** (no class evidence, or a mask that misses the box): the box's features
    (:mod:`explainers.segment.box_features`): what inside the box is unlike the context around it in
-   the CNN's features, its outline snapped to the photo's edges by a dense CRF (``feature_crf``).
-   Without a backbone, GrabCut's colour models (sure background outside the box).
+   the CNN's features, its outline snapped to the photo's edges by the same CRF. Without a backbone,
+   GrabCut's colour models (sure background outside the box). A box over the whole photo leaves no
+   context to learn the background from: the CAM's foreground through the CRF then.
 4. **Clean-up.** Components that hold a positive click are kept; without clicks, components smaller
    than ``min_component`` x the largest are dropped. A negative click then removes its region: the
    part of the mask that GrabCut, seeded at that click, takes for one object.
@@ -44,7 +47,7 @@ from explainers.segment.geometry import mask_geometry
 from explainers.segment.postprocess import remove_islands
 from explainers.segment.types import TagMask
 
-__all__ = ["Prompt", "PromptConfig", "PromptSegmenter", "prompt_mask"]
+__all__ = ["Prompt", "PromptConfig", "PromptSegmenter", "cam_foreground", "prompt_mask"]
 
 Point = tuple[float, float]
 
@@ -73,15 +76,17 @@ class PromptConfig:
     click_window: float = 0.5    # without a box: window around the clicks, x the photo's short side
     work_side: int = 320         # long side of the crop while GrabCut runs
     iterations: int = 4          # GrabCut iterations
-    prior: bool = True           # use the engine's probability map of the tag as the prior (when it has one)
+    prior: bool = True           # use the engine's class evidence of the tag (its CAM or its pipeline's probability)
     prior_low: float = 0.2       # prior below this: probable background inside the box
     click_radius: float = 0.015  # sure-foreground/background disc at a click, x the crop's long side
     min_component: float = 0.1   # without clicks: drop components under this x the largest
-    refine: str = "auto"         # "auto": the class prior cut at 0.5 in the box when its box fits the drawn one
-    #                              (``prior_fit``), else the box's features (explainers.segment.box_features);
-    #                              "prior", "features", "grabcut": that one alone (GrabCut: with the prior)
-    prior_fit: float = 0.7       # "auto": least IoU of the prior cut's bounding box with the drawn box
-    prior_min_prob: float = 0.01  # a drawn box: the class prior counts when the tag's probability on the crop is this
+    refine: str = "auto"         # "auto": the tag's CAM and the box's features together when that mask's box fits
+    #                              the drawn one (``prior_fit``), else the features (explainers.segment.box_features);
+    #                              "prior": the pipeline's probability cut at 0.5 in the box; "features",
+    #                              "grabcut": that one alone (GrabCut: with the pipeline's probability as prior)
+    cam_weight: float = 0.5      # "auto": the CAM's share in its average with the features' foreground
+    prior_fit: float = 0.7       # "auto": least IoU of the class evidence's mask's bounding box with the drawn box
+    prior_min_prob: float = 0.0  # a drawn box: the class evidence counts when the tag's probability on the crop is this
     feature_margin: float = 0.3  # context around a box for the features' background clusters, x its side
     feature_crf: CRFConfig = field(default_factory=lambda: CRFConfig(bilateral_compat=5.0))   # snaps their outline
     click_grow: float = 0.15     # a click on a tag with a prior: the box of the photo mask's part it hits, grown by this
@@ -123,7 +128,8 @@ def _disc(shape: tuple[int, int], points: Sequence[Point], radius: int) -> np.nd
 def prompt_mask(image: np.ndarray, prompt: Prompt, prior: np.ndarray | None = None,
                 cfg: PromptConfig | None = None, seed: int = 0, backbone=None) -> np.ndarray:
     """Bool (H, W) mask of the object `prompt` points at on an RGB uint8 photo. `prior`: the tag's
-    probability (H, W) in [0, 1] over the photo, or over the crop :func:`crop_of` gives (or None).
+    foreground probability (H, W) in [0, 1] over the photo, or over the crop :func:`crop_of` gives (or
+    None): for a tight box and ``refine="auto"`` its CAM's (:func:`cam_foreground`), else the pipeline's.
     `backbone` (an explainers Backbone): its features cut out a box's object (None: GrabCut does)."""
     cfg = cfg or PromptConfig()
     h, w = image.shape[:2]
@@ -209,35 +215,63 @@ def _fit(part: np.ndarray, crop, box) -> float:
 
 def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, tight: bool = True
               ) -> np.ndarray | None:
-    """The object in the box (bool, the crop's size) by ``cfg.refine``: the class prior cut at 0.5
-    ("prior"; "auto" when its bounding box fits the drawn box, IoU >= ``prior_fit``, or when the box
-    is not `tight`: derived from clicks and the prior itself), else the box's
-    features (:func:`explainers.segment.box_features.box_foreground` over a crop with
-    ``feature_margin`` of context); None when neither applies (then GrabCut)."""
+    """The object in the box (bool, the crop's size) by ``cfg.refine``. "auto" on a `tight` box: the
+    class evidence `prior` averaged with the box's features' foreground
+    (:func:`explainers.segment.box_features.box_foreground`, over a crop with ``feature_margin`` of
+    context) and cut by the CRF, when that mask's bounding box fits the drawn box (IoU >=
+    ``prior_fit``), else the features alone. "auto" on a box derived from clicks, or "prior": the prior
+    cut at 0.5. None when nothing applies (then GrabCut)."""
     local = [(x - crop[0], y - crop[1]) for x, y in positive]
-    cut = None
-    if prior is not None and cfg.prior and cfg.refine in ("auto", "prior"):
+    use_prior = prior is not None and cfg.prior and cfg.refine in ("auto", "prior")
+    if use_prior and (cfg.refine == "prior" or not tight):
         cut = _prior_cut(image.shape[:2], crop, box, prior)
         cut[_disc(cut.shape, local, 2)] = True
-        if cfg.refine == "prior" or not tight or _fit(_keep(cut, local, cfg), crop, box) >= cfg.prior_fit:
-            return cut
-    if backbone is None or cfg.refine not in ("auto", "features"):
         return cut
-    from explainers.segment.box_features import box_foreground, crf_refine
+    if backbone is None or cfg.refine not in ("auto", "features"):
+        return None
+    from explainers.segment.box_features import box_foreground
 
     h, w = image.shape[:2]
     wide, _ = _region(Prompt(box=box), h, w, replace(cfg, margin=cfg.feature_margin))
-    wx0, wy0, wx1, wy1 = wide
-    local_box = (box[0] - wx0, box[1] - wy0, box[2] - wx0, box[3] - wy0)
-    p = box_foreground(backbone, image[wy0:wy1, wx0:wx1], local_box)
-    if p is None:                        # no context around the box (it covers the photo): the prior, if any
-        return cut
-    full = np.zeros((h, w), bool)
-    full[wy0:wy1, wx0:wx1] = crf_refine(image[wy0:wy1, wx0:wx1], p, local_box, cfg.feature_crf) \
-        if cfg.feature_crf.enabled else p >= 0.5
-    part = full[crop[1]:crop[3], crop[0]:crop[2]].copy()
+    p = box_foreground(backbone, image[wide[1]:wide[3], wide[0]:wide[2]], _shift(box, wide))
+    evidence = _in_region(prior, image.shape[:2], crop, wide) if use_prior else None
+    in_crop = lambda m: m[crop[1] - wide[1]:crop[3] - wide[1], crop[0] - wide[0]:crop[2] - wide[0]].copy()
+    part = None
+    if p is None:                        # no context around the box (it covers the photo): the evidence alone
+        if evidence is None:
+            return None
+        part = in_crop(_crf_cut(image, wide, evidence, box, cfg))
+    elif evidence is not None:
+        part = in_crop(_crf_cut(image, wide, cfg.cam_weight * evidence + (1.0 - cfg.cam_weight) * p, box, cfg))
+        if _fit(_keep(part, local, cfg), crop, box) < cfg.prior_fit:
+            part = None
+    if part is None:
+        part = in_crop(_crf_cut(image, wide, p, box, cfg))
     part[_disc(part.shape, local, 2)] = True
     return part
+
+
+def _shift(box, region) -> tuple[int, int, int, int]:
+    """`box` in the coordinates of `region` (both x0, y0, x1, y1)."""
+    return box[0] - region[0], box[1] - region[1], box[2] - region[0], box[3] - region[1]
+
+
+def _in_region(prior: np.ndarray, shape, crop, region) -> np.ndarray:
+    """The prior (over the photo, or over `crop`) over `region`, which holds `crop`; 0 where it has none."""
+    x0, y0, x1, y1 = crop
+    p = prior[y0:y1, x0:x1] if prior.shape[:2] == tuple(shape) else prior
+    out = np.zeros((region[3] - region[1], region[2] - region[0]), np.float32)
+    out[y0 - region[1]:y1 - region[1], x0 - region[0]:x1 - region[0]] = p
+    return out
+
+
+def _crf_cut(image, region, p: np.ndarray, box, cfg: PromptConfig) -> np.ndarray:
+    """The dense CRF (``feature_crf``) over the foreground probability `p` of `region`, nothing outside
+    `box` (bool, the region's size)."""
+    from explainers.segment.box_features import crf_refine
+
+    x0, y0, x1, y1 = region
+    return crf_refine(image[y0:y1, x0:x1], p, _shift(box, region), cfg.feature_crf)
 
 
 def _prior_cut(shape, crop, box, prior: np.ndarray) -> np.ndarray:
@@ -247,6 +281,19 @@ def _prior_cut(shape, crop, box, prior: np.ndarray) -> np.ndarray:
     inside = np.zeros(p.shape[:2], bool)
     inside[box[1] - y0:box[3] - y0, box[0] - x0:box[2] - x0] = True
     return (p >= 0.5) & inside
+
+
+def cam_foreground(cam: np.ndarray, slope: float = 0.05) -> np.ndarray:
+    """A CAM (h, w) in [0, 1] over a box's crop -> the tag's foreground probability there: a logistic
+    of the CAM around its Otsu threshold on that crop (the object fills much of a box's crop, so the
+    threshold that suits a whole photo would cut it short). float32 (h, w)."""
+    import torch
+
+    from explainers.segment.background import otsu_thresholds
+
+    cam = np.nan_to_num(np.asarray(cam, np.float32), nan=0.0)
+    t = float(otsu_thresholds(torch.from_numpy(np.ascontiguousarray(cam).reshape(1, 1, -1)))[0])
+    return (1.0 / (1.0 + np.exp(-(cam - t) / max(slope, 1e-6)))).astype(np.float32)
 
 
 def _keep(mask: np.ndarray, positive: Sequence[Point], cfg: PromptConfig) -> np.ndarray:
@@ -283,11 +330,16 @@ class PromptSegmenter:
         self.config = config or PromptConfig()
 
     def prior(self, image: np.ndarray, prompt: Prompt, tag: str | None) -> tuple[np.ndarray | None, float]:
-        """(the tag's probability over the prompt's crop, or None; the tag's probability there, or 1)."""
+        """(the tag's foreground probability over the prompt's crop, or None; the tag's probability
+        there, or 1). For a box drawn around the object with ``refine="auto"``: the crop's CAM through
+        :func:`cam_foreground`; otherwise the engine's pipeline on the crop."""
         if self.engine is None or tag is None or not self.config.prior or not self.engine.can_segment(tag):
             return None, 1.0
         x0, y0, x1, y1 = crop_of(prompt, image.shape[:2], self.config)
         crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+        if prompt.box is not None and prompt.tight and self.config.refine == "auto":
+            maps, probs = self.engine.tag_cams(crop, [tag])
+            return cam_foreground(maps[0]), float(probs[0])
         result, probs = self.engine.predict_with_probs(crop, [tag])
         if probs is None or not result.tags:
             return None, 1.0

@@ -137,6 +137,19 @@ class Tag2Mask:
         result.skipped = skipped
         return result, probs
 
+    def tag_cams(self, image_rgb: np.ndarray, tags: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1 alone: the CAMs of `tags` (K, H, W) float32 in [0, 1] at the photo's size and their
+        probabilities (K,), from the project's classifier head or ImageNet's as :meth:`predict` takes
+        them. Raises UnknownTagError when a tag cannot be segmented."""
+        image = check_image(image_rgb)
+        tags = list(tags)
+        for tag in tags:
+            if not self.can_segment(tag):
+                self.class_set(tag)          # raises UnknownTagError with the reason
+        cam = self._cam_output(image, tags)
+        maps = _resize(cam.maps.float().cpu().numpy(), image.shape[:2])
+        return np.clip(maps, 0.0, 1.0), cam.probs.float().cpu().numpy()
+
     def _usable_or_raise(self, tags: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """:meth:`split_tags`, raising UnknownTagError when tags were given but none can be segmented
         (one tag: its own message; several: all their reasons in one sentence; then :data:`UNUSABLE_HINT`)."""
