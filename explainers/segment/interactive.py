@@ -23,8 +23,8 @@ photo's pixels. :class:`PromptSegmenter` turns a photo, a prompt and, optionally
    than ``min_component`` x the largest are dropped. A negative click then removes its region: the
    part of the mask that GrabCut, seeded at that click, takes for one object.
 
-Chosen on the dev objects (horse train split, coco128_dev, MSRC-v2 dev) with benchmarks/interactive_masks.py; the
-figures and the rules tried are in the README's smart-tools section.
+Chosen on the dev objects (horse train split, coco128_dev, MSRC-v2 dev) with
+benchmarks/interactive_masks.py; the figures and the rules tried are in the README's smart-tools section.
 
     seg = PromptSegmenter(engine)                       # an explainers.segment.Tag2Mask, or None
     tm = seg(photo, Prompt(box=(x0, y0, x1, y1)), tag="horse")      # TagMask: mask, polygons, boxes
@@ -323,7 +323,8 @@ class PromptSegmenter:
     """Prompts -> TagMasks with an engine's class evidence where it has some (see the module docstring).
 
     `engine`: an :class:`explainers.segment.Tag2Mask` (on the prompt's crop, its CAM of a tag it can
-    segment gives a box's class evidence, its pipeline a click's) or None (geometry only). Not thread-safe (the engine is not)."""
+    segment gives a box's class evidence, its pipeline a click's) or None (geometry only). Not
+    thread-safe (the engine is not)."""
 
     def __init__(self, engine=None, config: PromptConfig | None = None):
         self.engine = engine
