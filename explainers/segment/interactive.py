@@ -177,7 +177,7 @@ def _grab(image: np.ndarray, crop, box, positive, negative, prior, cfg: PromptCo
         inside[:] = True
     gc = np.where(inside, cv2.GC_PR_FGD, cv2.GC_BGD).astype(np.uint8)
     if prior is not None and cfg.prior:
-        p = prior[y0:y1, x0:x1] if prior.shape[:2] == image.shape[:2] else prior
+        p = _on_crop(prior, image.shape[:2], crop)
         p = cv2.resize(p.astype(np.float32), (sw, sh), interpolation=cv2.INTER_LINEAR)
         low = inside & (p < cfg.prior_low)
         if low.sum() < inside.sum():                       # some probable foreground must stay
@@ -259,7 +259,7 @@ def _shift(box, region) -> tuple[int, int, int, int]:
 def _in_region(prior: np.ndarray, shape, crop, region) -> np.ndarray:
     """The prior (over the photo, or over `crop`) over `region`, which holds `crop`; 0 where it has none."""
     x0, y0, x1, y1 = crop
-    p = prior[y0:y1, x0:x1] if prior.shape[:2] == tuple(shape) else prior
+    p = _on_crop(prior, shape, crop)
     out = np.zeros((region[3] - region[1], region[2] - region[0]), np.float32)
     out[y0 - region[1]:y1 - region[1], x0 - region[0]:x1 - region[0]] = p
     return out
@@ -274,10 +274,16 @@ def _crf_cut(image, region, p: np.ndarray, box, cfg: PromptConfig) -> np.ndarray
     return crf_refine(image[y0:y1, x0:x1], p, _shift(box, region), cfg.feature_crf)
 
 
+def _on_crop(prior: np.ndarray, shape, crop) -> np.ndarray:
+    """A prior given over the photo (`shape`) or already over `crop` -> over `crop`."""
+    x0, y0, x1, y1 = crop
+    return prior[y0:y1, x0:x1] if prior.shape[:2] == tuple(shape) else prior
+
+
 def _prior_cut(shape, crop, box, prior: np.ndarray) -> np.ndarray:
     """The prior cut at 0.5 inside the box (bool, the crop's size)."""
     x0, y0, x1, y1 = crop
-    p = prior[y0:y1, x0:x1] if prior.shape[:2] == tuple(shape) else prior
+    p = _on_crop(prior, shape, crop)
     inside = np.zeros(p.shape[:2], bool)
     inside[box[1] - y0:box[3] - y0, box[0] - x0:box[2] - x0] = True
     return (p >= 0.5) & inside
@@ -289,11 +295,12 @@ def cam_foreground(cam: np.ndarray, slope: float = 0.05) -> np.ndarray:
     threshold that suits a whole photo would cut it short). float32 (h, w)."""
     import torch
 
-    from explainers.segment.background import otsu_thresholds
+    from explainers.segment.background import background_score
+    from explainers.segment.config import BackgroundConfig
 
-    cam = np.nan_to_num(np.asarray(cam, np.float32), nan=0.0)
-    t = float(otsu_thresholds(torch.from_numpy(np.ascontiguousarray(cam).reshape(1, 1, -1)))[0])
-    return (1.0 / (1.0 + np.exp(-(cam - t) / max(slope, 1e-6)))).astype(np.float32)
+    cam = torch.from_numpy(np.nan_to_num(np.asarray(cam, np.float32), nan=0.0))
+    unclamped = BackgroundConfig(method="otsu", slope=slope, otsu_min=0.0, otsu_max=1.0)
+    return (1.0 - background_score(cam[None], unclamped)).numpy().astype(np.float32)
 
 
 def _keep(mask: np.ndarray, positive: Sequence[Point], cfg: PromptConfig) -> np.ndarray:
