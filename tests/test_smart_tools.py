@@ -54,9 +54,9 @@ def horses(horse_dir):
 
 
 # -- the library -------------------------------------------------------------------------------------
-def test_a_box_beats_the_zero_shot_mask(engine, horse_dir):
+def test_a_box_beats_the_zero_shot_mask(engine, horse_dir, horses):
     """Every 8th horse of the test split (7 photos, some with a poor zero-shot mask): the box's masks are
-    better on the whole, and never reach outside the box."""
+    better on the whole, and never reach outside the box; on the module's three horses none is below 0.7."""
     from explainers.segment.interactive import Prompt, PromptSegmenter
 
     seg = PromptSegmenter(engine)
@@ -74,6 +74,8 @@ def test_a_box_beats_the_zero_shot_mask(engine, horse_dir):
         assert not (boxed & outside).any()            # nothing outside the box
     assert len(stems) == 7 and np.median(boxed_ious) >= 0.8, boxed_ious
     assert np.mean(boxed_ious) >= np.mean(plain_ious) + 0.05, (boxed_ious, plain_ious)
+    three = [_iou(seg(image, Prompt(box=_box(gt)), "horse").mask, gt) for image, gt in horses]
+    assert min(three) >= 0.7, three
 
 
 def test_the_cam_on_a_box_is_calibrated_on_its_crop():
