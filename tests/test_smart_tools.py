@@ -103,6 +103,26 @@ def test_a_box_over_the_whole_photo_still_gives_the_object(engine, horses):
     assert mask.mean() < 0.6 and _iou(mask, gt) >= 0.6
 
 
+@pytest.mark.parametrize("make_box", [
+    lambda w, h: (10, 10, 11, 11), lambda w, h: (5, 5, 5, 5), lambda w, h: (-50, -50, 5000, 5000),
+    lambda w, h: (w - 3, h - 3, w + 10, h + 10), lambda w, h: (20, 20, 25, 200)],
+    ids=["one-pixel", "empty", "oversized", "half-outside", "sliver"])
+def test_degenerate_boxes_give_a_mask_inside_the_photo(engine, horses, make_box):
+    """A one-pixel, empty, oversized, half-outside or sliver box goes through the CAM-and-features path
+    (clipped to the photo) and answers a mask of the photo's size, with the click kept, never an error."""
+    from explainers.segment.interactive import Prompt, PromptSegmenter
+
+    image, gt = horses[0]
+    h, w = gt.shape
+    box = make_box(w, h)
+    seg = PromptSegmenter(engine)
+    for positive in ((), ((12.0, 12.0),)):
+        mask = seg(image, Prompt(box=box, positive=positive), "horse").mask
+        assert mask.shape == (h, w) and mask.dtype == bool
+        if box[2] - box[0] >= w:                  # a box over the whole photo: the object, not everything
+            assert mask.mean() < 0.6
+
+
 def test_clicks_positive_and_negative(engine, horses):
     from explainers.segment.interactive import Prompt, PromptSegmenter
 
