@@ -84,3 +84,25 @@ def test_cam_ensemble_averages_the_backbones_cams(backbone, horse_dir):
     many = pair.predict_many([image], [["horse"]])[0]
     assert np.array_equal(many.tags[0].mask, pair.predict(image, ["horse"]).tags[0].mask)
     assert PipelineConfig.preset("best").cam.ensemble == ("efficientnet_lite1", "efficientnet_lite2")
+
+
+def test_tag_cams_takes_an_ensemble_for_one_call(backbone, horse_dir):
+    """``tag_cams(..., ensemble=names)`` (a smart tool's box): the CAMs and probabilities are the mean of
+    the engine's own and those backbones' for that call only; a backbone is loaded once and kept; the
+    engine's own backbone in the list is left out; ``()`` is the engine alone."""
+    from conftest import horse_and_mask
+
+    image, _ = horse_and_mask(horse_dir, "horse001")
+    engine = Tag2Mask(backbone, PipelineConfig.preset("fast"))
+    alone_maps, alone_probs = engine.tag_cams(image, ["horse"])
+    maps, probs = engine.tag_cams(image, ["horse"], ensemble=("efficientnet_lite2",))
+    stage = engine._extra_stages["efficientnet_lite2"]
+    lite2_maps, lite2_probs = Tag2Mask(stage.backbone, PipelineConfig.preset("fast")).tag_cams(image, ["horse"])
+    assert not np.allclose(alone_maps, lite2_maps, atol=1e-3)
+    assert np.allclose(maps, (alone_maps + lite2_maps) / 2, atol=1e-4)
+    assert np.allclose(probs, (alone_probs + lite2_probs) / 2, atol=1e-6)
+    engine.tag_cams(image, ["horse"], ensemble=("efficientnet_lite2",))
+    assert engine._extra_stages["efficientnet_lite2"] is stage and not engine.ensemble_stages
+    assert np.array_equal(engine.tag_cams(image, ["horse"])[0], alone_maps)     # the call's ensemble only
+    for names in ((), (backbone.name,)):
+        assert np.array_equal(engine.tag_cams(image, ["horse"], ensemble=names)[0], alone_maps)

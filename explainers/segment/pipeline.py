@@ -85,6 +85,7 @@ class Tag2Mask:
         self.cam_stage = CAMStage(self.backbone, self.config.cam)
         self.ensemble_stages = [CAMStage(load_backbone(name, self.backbone.device), self.config.cam)
                                 for name in self.config.cam.ensemble]
+        self._extra_stages: dict[str, CAMStage] = {}    # more ensembles' backbones (tag_cams), loaded once
         self.background = calibrated(self.config.background, self.backbone.name)
         self.quality_model = None   # what estimates TagMask.quality; None = explainers/data/quality_score.json
         self.heads = None
@@ -137,18 +138,32 @@ class Tag2Mask:
         result.skipped = skipped
         return result, probs
 
-    def tag_cams(self, image_rgb: np.ndarray, tags: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tag_cams(self, image_rgb: np.ndarray, tags: Sequence[str],
+                 ensemble: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1 alone: the CAMs of `tags` (K, H, W) float32 in [0, 1] at the photo's size and their
         probabilities (K,), from the project's classifier head or ImageNet's as :meth:`predict` takes
-        them. Raises UnknownTagError when a tag cannot be segmented."""
+        them. `ensemble`: the backbones (names) whose CAMs are averaged with the engine's for the tags
+        ImageNet's classifier names, in this call (each loaded on first use, then kept); None: the
+        engine's ``cam.ensemble``. Raises UnknownTagError when a tag cannot be segmented."""
         image = check_image(image_rgb)
         tags = list(tags)
         for tag in tags:
             if not self.can_segment(tag):
                 self.class_set(tag)          # raises UnknownTagError with the reason
-        cam = self._cam_output(image, tags)
+        cam = self._cam_output(image, tags, self._ensemble(ensemble))
         maps = _resize(cam.maps.float().cpu().numpy(), image.shape[:2])
         return np.clip(maps, 0.0, 1.0), cam.probs.float().cpu().numpy()
+
+    def _ensemble(self, names: Sequence[str] | None) -> list[CAMStage]:
+        """The CAM stages of the backbones `names` (the engine's own left out; None: ``cam.ensemble``)."""
+        if names is None:
+            return self.ensemble_stages
+        known = dict(zip(self.config.cam.ensemble, self.ensemble_stages)) | self._extra_stages
+        for name in names:
+            if name not in known and name != self.backbone.name:
+                known[name] = self._extra_stages[name] = CAMStage(load_backbone(name, self.backbone.device),
+                                                                  self.config.cam)
+        return [known[name] for name in names if name != self.backbone.name]
 
     def _usable_or_raise(self, tags: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """:meth:`split_tags`, raising UnknownTagError when tags were given but none can be segmented
@@ -236,16 +251,17 @@ class Tag2Mask:
             return not self.knows_tag(tag)
         return [t for t in tags if t in known and use_head(t)]
 
-    def _cam_output(self, image: np.ndarray, tags: Sequence[str]):
+    def _cam_output(self, image: np.ndarray, tags: Sequence[str], ensemble: list[CAMStage] | None = None):
         """Stage 1 for one photo: the CAM maps and tag probabilities of `tags`, in order
         (:class:`~explainers.segment.cam_stage.CAMOutput`). The tags of :meth:`_head_tags` get theirs
         from the classifier head (:class:`~explainers.segment.head_cam.HeadCAM`, probabilities = the
-        head's sigmoid), the others from the backbone's classifier (``self.cam_stage``)."""
+        head's sigmoid), the others from the backbone's classifier (``self.cam_stage``, averaged with
+        the `ensemble` stages; None: the ``cam.ensemble`` ones)."""
         head = set(self._head_tags(tags))
         parts = []
         imagenet = [t for t in tags if t not in head]
         if imagenet:
-            parts.append((imagenet, self._imagenet_cams(image, [self.class_set(t) for t in imagenet])))
+            parts.append((imagenet, self._imagenet_cams(image, [self.class_set(t) for t in imagenet], ensemble)))
         if head:
             labels = [t for t in tags if t in head]
             parts.append((labels, HeadCAM(self.backbone, self.heads.classifier, self.config.cam)(image, labels)))
@@ -254,13 +270,16 @@ class Tag2Mask:
             torch.cuda.synchronize()
         return cam
 
-    def _imagenet_cams(self, image: np.ndarray, class_sets: list) -> CAMOutput:
+    def _imagenet_cams(self, image: np.ndarray, class_sets: list,
+                       ensemble: list[CAMStage] | None = None) -> CAMOutput:
         """The CAM stage of the tags the ImageNet classifier names: the engine's backbone's, averaged
-        (maps and tag probabilities) with those of the ``cam.ensemble`` backbones when there are any."""
+        (maps and tag probabilities) with those of the `ensemble` stages (None: the ``cam.ensemble``
+        backbones') when there are any."""
+        ensemble = self.ensemble_stages if ensemble is None else ensemble
         out = self.cam_stage(image, class_sets)
-        if not self.ensemble_stages:
+        if not ensemble:
             return out
-        outs = [out] + [stage(image, class_sets) for stage in self.ensemble_stages]
+        outs = [out] + [stage(image, class_sets) for stage in ensemble]
         device = out.maps.device
         return CAMOutput(maps=torch.stack([o.maps.to(device) for o in outs]).mean(0),
                          probs=torch.stack([o.probs.to(device) for o in outs]).mean(0), work_size=out.work_size)
