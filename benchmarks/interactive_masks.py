@@ -14,10 +14,12 @@ Objects:
 The click is the object pixel farthest from its outline (where an annotator clicks "on" it). Scores:
 fg IoU of the answer against the object's mask, mean over objects, and pooled over pixels; p50 / p90
 seconds per answer (the engine's part, photo already decoded). A variant changes the prompt settings
-(``--set key=value``, :class:`explainers.segment.interactive.PromptConfig`) or ``--no-prior``.
+(``--set key=value``, :class:`explainers.segment.interactive.PromptConfig`; a tuple's items joined by
+"+") or ``--no-prior``.
 
     TAG2MASK_THREADS=2 python benchmarks/interactive_masks.py --sets horse_test,coco --modes box,click
     TAG2MASK_THREADS=1 python benchmarks/interactive_masks.py --sets horse_train --limit 60 --set prior_low=0.3
+    ... --set cam_ensemble=          # a tuple setting: names joined by "+", empty for none
 """
 from __future__ import annotations
 
@@ -165,7 +167,9 @@ def main(argv=None) -> int:
     cfg = PromptConfig()
     for item in args.set:
         key, value = item.split("=", 1)
-        cfg = replace(cfg, **{key: type(getattr(cfg, key))(value)})
+        default = getattr(cfg, key)
+        cfg = replace(cfg, **{key: tuple(v for v in value.split("+") if v) if isinstance(default, tuple)
+                              else type(default)(value)})
     engine = None if args.no_prior else Tag2Mask(args.backbone, PipelineConfig.preset(args.preset))
     segmenter = PromptSegmenter(engine, cfg)
     makers = {"horse_train": lambda: horse_objects("train", args.limit),

@@ -12,7 +12,9 @@ nearest background one; the probability is a logistic of that margin (``temperat
     p = box_foreground(backbone, crop_rgb, (bx0, by0, bx1, by1))     # float32 (h, w) of the crop, 0 outside the box
     mask = crf_refine(crop_rgb, p, (bx0, by0, bx1, by1), CRFConfig(bilateral_compat=5.0))   # bool (h, w)
 
-The features' grid is coarse (stride 4 of a 320-px pass); :func:`crf_refine` snaps the outline to the
+The settings below are the defaults; :mod:`explainers.segment.interactive` passes its own (a 448-px pass
+and 8 foreground clusters next to a CAM, 8 clusters alone: chosen on the dev objects, README's table).
+The features' grid is coarse (stride 4 of the pass); :func:`crf_refine` snaps the outline to the
 photo's edges with the dense CRF (explainers.segment.crf) at 320 px, background for sure outside the box.
 
 On the dev sets (benchmarks/interactive_masks.py) it beats GrabCut's colour models on cluttered COCO

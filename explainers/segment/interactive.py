@@ -8,17 +8,18 @@ photo's pixels. :class:`PromptSegmenter` turns a photo, a prompt and, optionally
    (the clicks stay as sure foreground). Clicks on a tag without (or hitting nothing) are worked out
    in a window around them (``click_window`` x the photo's short side) by GrabCut.
 2. **A box, with class evidence** (a tag the engine can segment): the tag's CAM over the box grown by
-   ``margin`` (the object then fills the CAM pass), calibrated on that crop (a pixel is the tag's
-   where the CAM is above the crop's Otsu threshold: :func:`cam_foreground`), is averaged
-   (``cam_weight``) with the box's features' foreground (3.), and the dense CRF (``feature_crf``)
-   cuts the average. That is the answer when the mask's bounding box fits the drawn box (IoU >=
-   ``prior_fit``: an annotator's box holds the whole object, tightly) and, if ``prior_min_prob`` is
-   set, the classifier sees the tag in the box with at least that probability.
+   ``margin`` (the object then fills the CAM pass; the engine's backbone and the ``cam_ensemble``
+   ones averaged), calibrated on that crop (a pixel is the tag's where the CAM is above the crop's
+   Otsu threshold: :func:`cam_foreground`), is averaged (``cam_weight``) with the box's features'
+   foreground (3., with ``features_with_cam``), and the dense CRF (``feature_crf``) cuts the average.
+   That is the answer when the mask's bounding box fits the drawn box (IoU >= ``prior_fit``: an
+   annotator's box holds the whole object, tightly) and, if ``prior_min_prob`` is set, the
+   classifier sees the tag in the box with at least that probability.
 3. **A box otherwise** (no class evidence, or a mask that misses the box): the box's features
-   (:mod:`explainers.segment.box_features`): what inside the box is unlike the context around it in
-   the CNN's features, its outline snapped to the photo's edges by the same CRF. Without a backbone,
-   GrabCut's colour models (sure background outside the box). A box over the whole photo leaves no
-   context to learn the background from: the CAM's foreground through the CRF then.
+   (:mod:`explainers.segment.box_features`, with ``features_alone``): what inside the box is unlike
+   the context around it in the CNN's features, its outline snapped to the photo's edges by the same
+   CRF. Without a backbone, GrabCut's colour models (sure background outside the box). A box over the
+   whole photo leaves no context to learn the background from: the CAM's foreground through the CRF then.
 4. **Clean-up.** Components that hold a positive click are kept; without clicks, components smaller
    than ``min_component`` x the largest are dropped. A negative click then removes its region: the
    part of the mask that GrabCut, seeded at that click, takes for one object.
@@ -42,6 +43,7 @@ import cv2
 import numpy as np
 
 from explainers.metrics import box_iou, mask_to_box
+from explainers.segment.box_features import FeatureConfig
 from explainers.segment.config import CRFConfig, GeometryConfig
 from explainers.segment.geometry import mask_geometry
 from explainers.segment.postprocess import remove_islands
@@ -85,11 +87,19 @@ class PromptConfig:
     #                              "prior": the pipeline's probability cut at 0.5 in the box; "features",
     #                              "grabcut": that one alone (GrabCut: with the pipeline's probability as prior)
     cam_weight: float = 0.5      # "auto": the CAM's share in its average with the features' foreground
+    cam_ensemble: tuple[str, ...] = ("efficientnet_lite1", "efficientnet_lite2")   # a drawn box's CAM: these
+    #                              backbones' CAMs averaged with the engine's (tags ImageNet names; the engine's own
+    #                              is left out; loaded on the first box)
     prior_fit: float = 0.7       # "auto": least IoU of the class evidence's mask's bounding box with the drawn box
     prior_min_prob: float = 0.0  # a drawn box: the class evidence counts when the tag's probability on the crop is this
     feature_margin: float = 0.3  # context around a box for the features' background clusters, x its side
+    features_with_cam: FeatureConfig = field(            # the box's features averaged with the CAM ("auto")...
+        default_factory=lambda: FeatureConfig(pass_side=448, foreground_clusters=8))
+    features_alone: FeatureConfig = field(               # ...and alone (no class evidence, or a mask that misses
+        default_factory=lambda: FeatureConfig(foreground_clusters=8))   # the box); chosen in the README's table
     feature_crf: CRFConfig = field(default_factory=lambda: CRFConfig(bilateral_compat=5.0))   # snaps their outline
-    click_grow: float = 0.15     # a click on a tag with a prior: the box of the photo mask's part it hits, grown by this
+    click_grow: float = 0.15     # a click on a tag with a prior: the box of the photo mask's part it hits, grown
+    #                              by this
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
 
 
@@ -171,7 +181,8 @@ def _grab(image: np.ndarray, crop, box, positive, negative, prior, cfg: PromptCo
     inside = np.zeros((sh, sw), bool)
     if box is not None:
         bx0, by0 = int((box[0] - x0) * scale), int((box[1] - y0) * scale)
-        bx1, by1 = max(bx0 + 1, int(math.ceil((box[2] - x0) * scale))), max(by0 + 1, int(math.ceil((box[3] - y0) * scale)))
+        bx1 = max(bx0 + 1, int(math.ceil((box[2] - x0) * scale)))
+        by1 = max(by0 + 1, int(math.ceil((box[3] - y0) * scale)))
         inside[by0:by1, bx0:bx1] = True
     else:
         inside[:] = True
@@ -217,10 +228,11 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
               ) -> np.ndarray | None:
     """The object in the box (bool, the crop's size) by ``cfg.refine``. "auto" on a `tight` box: the
     class evidence `prior` averaged with the box's features' foreground
-    (:func:`explainers.segment.box_features.box_foreground`, over a crop with ``feature_margin`` of
-    context) and cut by the CRF, when that mask's bounding box fits the drawn box (IoU >=
-    ``prior_fit``), else the features alone. "auto" on a box derived from clicks, or "prior": the prior
-    cut at 0.5. None when nothing applies (then GrabCut)."""
+    (:func:`explainers.segment.box_features.box_foreground` with ``features_with_cam``, over a crop
+    with ``feature_margin`` of context) and cut by the CRF, when that mask's bounding box fits the
+    drawn box (IoU >= ``prior_fit``), else the features alone (``features_alone``; so does
+    "features"). "auto" on a box derived from clicks, or "prior": the prior cut at 0.5. None when
+    nothing applies (then GrabCut)."""
     local = [(x - crop[0], y - crop[1]) for x, y in positive]
     use_prior = prior is not None and cfg.prior and cfg.refine in ("auto", "prior")
     if use_prior and (cfg.refine == "prior" or not tight):
@@ -233,19 +245,22 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
 
     h, w = image.shape[:2]
     wide, _ = _region(Prompt(box=box), h, w, replace(cfg, margin=cfg.feature_margin))
-    p = box_foreground(backbone, image[wide[1]:wide[3], wide[0]:wide[2]], _shift(box, wide))
+    features = lambda fc: box_foreground(backbone, image[wide[1]:wide[3], wide[0]:wide[2]], _shift(box, wide), fc)
     evidence = _in_region(prior, image.shape[:2], crop, wide) if use_prior else None
     in_crop = lambda m: m[crop[1] - wide[1]:crop[3] - wide[1], crop[0] - wide[0]:crop[2] - wide[0]].copy()
     part = None
-    if p is None:                        # no context around the box (it covers the photo): the evidence alone
-        if evidence is None:
-            return None
-        part = in_crop(_crf_cut(image, wide, evidence, box, cfg))
-    elif evidence is not None:
-        part = in_crop(_crf_cut(image, wide, cfg.cam_weight * evidence + (1.0 - cfg.cam_weight) * p, box, cfg))
-        if _fit(_keep(part, local, cfg), crop, box) < cfg.prior_fit:
-            part = None
+    if evidence is not None:
+        p = features(cfg.features_with_cam)
+        if p is None:                    # no context around the box (it covers the photo): the evidence alone
+            part = in_crop(_crf_cut(image, wide, evidence, box, cfg))
+        else:
+            part = in_crop(_crf_cut(image, wide, cfg.cam_weight * evidence + (1.0 - cfg.cam_weight) * p, box, cfg))
+            if _fit(_keep(part, local, cfg), crop, box) < cfg.prior_fit:
+                part = None
     if part is None:
+        p = features(cfg.features_alone)
+        if p is None:
+            return None
         part = in_crop(_crf_cut(image, wide, p, box, cfg))
     part[_disc(part.shape, local, 2)] = True
     return part
@@ -346,7 +361,7 @@ class PromptSegmenter:
         x0, y0, x1, y1 = crop_of(prompt, image.shape[:2], self.config)
         crop = np.ascontiguousarray(image[y0:y1, x0:x1])
         if prompt.box is not None and prompt.tight and self.config.refine == "auto":
-            maps, probs = self.engine.tag_cams(crop, [tag])
+            maps, probs = self.engine.tag_cams(crop, [tag], ensemble=self.config.cam_ensemble)
             return cam_foreground(maps[0]), float(probs[0])
         result, probs = self.engine.predict_with_probs(crop, [tag])
         if probs is None or not result.tags:
