@@ -14,8 +14,13 @@ VENV="${TAG2MASK_LS_VENV:-$HOME/.cache/tag2mask/ls-venv}"
 VERSION="${TAG2MASK_LS_VERSION:-1.23.2}"
 PY="${PYTHON:-python3}"
 MARK="$VENV/.tag2mask-complete"
+# Label Studio 1.23 does not bound sentry-sdk, and sentry-sdk 3 refuses the options it passes
+# ("Unknown option 'send_default_pii'"): keep it on 2.x. The marker records these pins, so a venv
+# made without them is made again.
+PINS="sentry-sdk<3"
+RECIPE="$VERSION $PINS"
 
-done_already() { [ -x "$VENV/bin/label-studio" ] && [ "$(cat "$MARK" 2>/dev/null)" = "$VERSION" ]; }
+done_already() { [ -x "$VENV/bin/label-studio" ] && [ "$(cat "$MARK" 2>/dev/null)" = "$RECIPE" ]; }
 
 if done_already; then
     echo "label-studio $VERSION already installed in $VENV" >&2
@@ -30,7 +35,7 @@ start=$(date +%s)
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade pip >&2
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "label-studio==$VERSION" >&2
-echo "$VERSION" > "$MARK"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check "label-studio==$VERSION" $PINS >&2
+echo "$RECIPE" > "$MARK"
 echo "installed label-studio $VERSION in $VENV in $(( $(date +%s) - start )) s" >&2
 echo "$VENV"
