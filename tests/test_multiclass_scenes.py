@@ -96,13 +96,13 @@ def test_tag_cams_takes_an_ensemble_for_one_call(backbone, horse_dir):
     engine = Tag2Mask(backbone, PipelineConfig.preset("fast"))
     alone_maps, alone_probs = engine.tag_cams(image, ["horse"])
     maps, probs = engine.tag_cams(image, ["horse"], ensemble=("efficientnet_lite2",))
-    stage = engine._extra_stages["efficientnet_lite2"]
+    stage = engine.ensemble.stages(("efficientnet_lite2",))[0]
     lite2_maps, lite2_probs = Tag2Mask(stage.backbone, PipelineConfig.preset("fast")).tag_cams(image, ["horse"])
     assert not np.allclose(alone_maps, lite2_maps, atol=1e-3)
     assert np.allclose(maps, (alone_maps + lite2_maps) / 2, atol=1e-4)
     assert np.allclose(probs, (alone_probs + lite2_probs) / 2, atol=1e-6)
     engine.tag_cams(image, ["horse"], ensemble=("efficientnet_lite2",))
-    assert engine._extra_stages["efficientnet_lite2"] is stage and not engine.ensemble_stages
+    assert engine.ensemble.stages(("efficientnet_lite2",))[0] is stage and not engine.ensemble_stages
     assert np.array_equal(engine.tag_cams(image, ["horse"])[0], alone_maps)     # the call's ensemble only
     for names in ((), (backbone.name,)):
         assert np.array_equal(engine.tag_cams(image, ["horse"], ensemble=names)[0], alone_maps)

@@ -3,7 +3,7 @@
 Stages (each a small function or class in this package, chosen by :class:`PipelineConfig`):
 
 1. CAM (:mod:`cam_stage`): all tags' maps from shared multi-scale, flipped forward passes (with
-   ``cam.ensemble``, averaged with those of more backbones, each loaded by the engine). With
+   ``cam.ensemble``, averaged with those of more backbones: :mod:`cam_ensemble`). With
    trained heads, the project's own labels (those ImageNet cannot name, and those the head learnt
    against photos without them; ``fusion.head_cam``) get theirs from its classifier head instead
    (:mod:`head_cam`), so labels ImageNet lacks get masks too.
@@ -34,6 +34,7 @@ import torch
 from explainers.backbones import Backbone, load_backbone
 from explainers.hooks import LayerRecorder
 from explainers.segment.background import calibrated, class_probabilities
+from explainers.segment.cam_ensemble import CAMEnsemble
 from explainers.segment.cam_stage import CAMOutput, CAMStage, pass_size
 from explainers.segment.config import PipelineConfig
 from explainers.segment.crf import crf_by_tag
@@ -83,9 +84,8 @@ class Tag2Mask:
         self.config = config or PipelineConfig.preset("balanced")
         self.tag_extra = tag_extra
         self.cam_stage = CAMStage(self.backbone, self.config.cam)
-        self.ensemble_stages = [CAMStage(load_backbone(name, self.backbone.device), self.config.cam)
-                                for name in self.config.cam.ensemble]
-        self._extra_stages: dict[str, CAMStage] = {}    # more ensembles' backbones (tag_cams), loaded once
+        self.ensemble = CAMEnsemble(self.backbone, self.config.cam)
+        self.ensemble_stages = self.ensemble.default
         self.background = calibrated(self.config.background, self.backbone.name)
         self.quality_model = None   # what estimates TagMask.quality; None = explainers/data/quality_score.json
         self.heads = None
@@ -150,20 +150,9 @@ class Tag2Mask:
         for tag in tags:
             if not self.can_segment(tag):
                 self.class_set(tag)          # raises UnknownTagError with the reason
-        cam = self._cam_output(image, tags, self._ensemble(ensemble))
+        cam = self._cam_output(image, tags, None if ensemble is None else self.ensemble.stages(ensemble))
         maps = _resize(cam.maps.float().cpu().numpy(), image.shape[:2])
         return np.clip(maps, 0.0, 1.0), cam.probs.float().cpu().numpy()
-
-    def _ensemble(self, names: Sequence[str] | None) -> list[CAMStage]:
-        """The CAM stages of the backbones `names` (the engine's own left out; None: ``cam.ensemble``)."""
-        if names is None:
-            return self.ensemble_stages
-        known = dict(zip(self.config.cam.ensemble, self.ensemble_stages)) | self._extra_stages
-        for name in names:
-            if name not in known and name != self.backbone.name:
-                known[name] = self._extra_stages[name] = CAMStage(load_backbone(name, self.backbone.device),
-                                                                  self.config.cam)
-        return [known[name] for name in names if name != self.backbone.name]
 
     def _usable_or_raise(self, tags: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """:meth:`split_tags`, raising UnknownTagError when tags were given but none can be segmented
@@ -275,14 +264,8 @@ class Tag2Mask:
         """The CAM stage of the tags the ImageNet classifier names: the engine's backbone's, averaged
         (maps and tag probabilities) with those of the `ensemble` stages (None: the ``cam.ensemble``
         backbones') when there are any."""
-        ensemble = self.ensemble_stages if ensemble is None else ensemble
-        out = self.cam_stage(image, class_sets)
-        if not ensemble:
-            return out
-        outs = [out] + [stage(image, class_sets) for stage in ensemble]
-        device = out.maps.device
-        return CAMOutput(maps=torch.stack([o.maps.to(device) for o in outs]).mean(0),
-                         probs=torch.stack([o.probs.to(device) for o in outs]).mean(0), work_size=out.work_size)
+        stages = self.ensemble_stages if ensemble is None else ensemble
+        return self.ensemble(self.cam_stage(image, class_sets), image, class_sets, stages)
 
     def _from_cam(self, image: np.ndarray, tags: Sequence[str], cam, timings: dict[str, float],
                   t0: float) -> tuple[PhotoResult, np.ndarray]:
