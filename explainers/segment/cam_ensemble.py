@@ -1,7 +1,8 @@
 """CAMs of several backbones averaged: the engine's ``cam.ensemble`` (every prediction) and the
 ensembles asked for in one call (a smart tool's box: ``Tag2Mask.tag_cams(..., ensemble=names)``).
 
-    ensemble = CAMEnsemble(backbone, config.cam)       # loads the cam.ensemble backbones now
+    ensemble = CAMEnsemble(backbone, config.cam)
+    default = ensemble.stages(config.cam.ensemble)     # what the engine loads at start
     out = ensemble(cam_stage(image, class_sets), image, class_sets, ensemble.stages(("efficientnet_lite1",)))
 
 Each backbone is loaded once, on first use, and kept; the engine's own backbone in a list is left
@@ -25,7 +26,6 @@ class CAMEnsemble:
         self.backbone = backbone
         self.config = config
         self._loaded: dict[str, CAMStage] = {}
-        self.default = self.stages(config.ensemble)     # the cam.ensemble backbones' stages
 
     def stages(self, names: Sequence[str]) -> list[CAMStage]:
         """The CAM stages of the backbones `names` (loaded on first use; the engine's own left out)."""

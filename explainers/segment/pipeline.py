@@ -85,7 +85,7 @@ class Tag2Mask:
         self.tag_extra = tag_extra
         self.cam_stage = CAMStage(self.backbone, self.config.cam)
         self.ensemble = CAMEnsemble(self.backbone, self.config.cam)
-        self.ensemble_stages = self.ensemble.default
+        self.ensemble_stages = self.ensemble.stages(self.config.cam.ensemble)   # loaded now, as every photo's
         self.background = calibrated(self.config.background, self.backbone.name)
         self.quality_model = None   # what estimates TagMask.quality; None = explainers/data/quality_score.json
         self.heads = None
