@@ -100,6 +100,17 @@ def start_worker(server: Server, *args: str, env: dict[str, str] | None = None,
                             env=env or worker_env(server), stdout=out, stderr=subprocess.STDOUT)
 
 
+def stop_worker(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (RQ's warm shutdown: the job in hand finishes), then SIGKILL after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_worker(server: Server, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
                log: Path | None = None) -> int:
     proc = start_worker(server, *args, env=env, log=log)

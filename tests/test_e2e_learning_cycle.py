@@ -23,7 +23,7 @@ import pytest
 
 from conftest import horse_stems
 from ls_payloads import brush_result, horse_mask
-from redis_servers import embedded_valkey, server, start_worker, worker_env  # noqa: F401
+from redis_servers import embedded_valkey, server, start_worker, stop_worker, worker_env  # noqa: F401
 
 from backend.labelstudio.results import decode_rle
 
@@ -115,9 +115,8 @@ def test_corrections_make_the_project_tag_its_horses_horse_and_improve_their_mas
         ls.retrieve_predictions(pid)
         tags_after, iou_after = _tags_and_iou(ls, other_ids, stem_of, horse_dir, f"+p{pid}.{current}")
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            worker.wait(timeout=30)
+        if worker is not None:
+            stop_worker(worker)
         backend.stop()
 
     horse_before = sum(t == ["horse"] for t in tags_before)

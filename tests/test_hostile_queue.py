@@ -19,7 +19,7 @@ from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.queue.queues import enqueue_predictions
 from backend.web.app import create_app
 from backend.settings import Settings
-from redis_servers import embedded_valkey, server, start_worker, worker_env  # noqa: F401
+from redis_servers import embedded_valkey, server, start_worker, stop_worker, worker_env  # noqa: F401
 from tests.test_hostile_input import BAD_TASKS, FETCH_JUNK, GOOD_PHOTO
 
 PROJECT = "43"
@@ -38,12 +38,6 @@ def _predict(client, tasks) -> list[dict]:
     results = r.get_json()["results"]
     assert len(results) == len(tasks)
     return results
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -90,7 +84,7 @@ def test_malformed_tasks_through_the_queue_fail_alone_with_the_inline_sentences(
         assert health.get_json()["queue"]["redis"] == "up"
         assert worker.poll() is None
     finally:
-        _stop(worker)
+        stop_worker(worker)
 
 
 JOB_TASKS = [  # (task of a job enqueued directly, its key in meta["errors"], the sentence)
@@ -130,7 +124,7 @@ def test_malformed_tasks_of_a_job_fail_alone_in_the_worker(server, tmp_path):
         assert "ImageFetchError: " in job.latest_result().exc_string      # the operator still sees the type
         assert job.retries_left == 0
     finally:
-        _stop(worker)
+        stop_worker(worker)
 
 
 def test_predict_chunk_survives_tasks_that_are_not_objects():

@@ -25,7 +25,7 @@ from backend.labelstudio.config import DEFAULT_LABEL_CONFIG
 from backend.web.app import create_app
 from backend.settings import Settings
 from conftest import horse_stems
-from redis_servers import REPO, embedded_valkey, server, start_worker, worker_env  # noqa: F401
+from redis_servers import REPO, embedded_valkey, server, start_worker, stop_worker, worker_env  # noqa: F401
 
 PROJECT = "41"
 
@@ -51,16 +51,6 @@ def _wait(check, timeout: float, what: str, log: Path | None = None, interval: f
         time.sleep(interval)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
     raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{tail}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _brush(pred: dict) -> list:
@@ -116,7 +106,7 @@ def test_predict_through_workers_cache_jobs_progress_and_unreachable_label_studi
         assert (progress["tasks"], progress["done"], progress["failed"], progress["queued"]) == (3, 1, 2, 0)
         assert app.get("/jobs/no-such-job").status_code == 404
     finally:
-        _stop(worker)
+        stop_worker(worker)
 
 
 SMART_CONFIG = """<View><Image name="image" value="$image"/>
@@ -167,7 +157,7 @@ def test_smart_tool_answer_comes_from_an_interactive_job_never_from_the_cache(se
         plain = app.post("/predict", json={**body, "params": {"context": None}}).get_json()["results"][0]
         assert plain != pred and app.get(f"/projects/{PROJECT}/progress").get_json()["jobs"] == jobs + 1
     finally:
-        _stop(worker)
+        stop_worker(worker)
 
 
 def test_smart_tool_answer_not_ready_in_time_is_a_sentence_and_the_job_is_cancelled(server, horse_dir, tmp_path):
@@ -226,7 +216,7 @@ def test_redis_down_gives_503_and_work_resumes(server, request, horse_dir, tmp_p
         assert r.status_code == 200 and _brush(r.get_json()["results"][0]), log.read_text()[-3000:]
         assert worker.poll() is None          # the same worker process went on
     finally:
-        _stop(worker)
+        stop_worker(worker)
 
 
 def test_queue_off_keeps_inline_mode(horse_dir, tmp_path):
@@ -415,5 +405,5 @@ def test_label_studio_batch_workers_push_once_despite_a_killed_worker(server, la
     finally:
         for proc in (victim, rescuer):
             if proc is not None:
-                _stop(proc)
+                stop_worker(proc)
         backend.stop()
