@@ -12,6 +12,8 @@ subprocesses get ``PYTHONPATH=<repo>:<repo>/tests`` from :func:`worker_env`.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -84,6 +86,7 @@ def worker_env(server: Server, **extra: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
         "TAG2MASK_THREADS": "1",
         "LOG_LEVEL": "INFO",
+        "PYTHONFAULTHANDLER": "1",     # SIGABRT dumps every thread's stack into the log (run_worker's timeout)
         # workers read photos through backend.labelstudio.photos: local files only inside these roots
         "TAG2MASK_LOCAL_ROOTS": os.pathsep.join([str((REPO.parent / "shared" / "data" / "weizmann_horse").resolve()),
                                                  tempfile.gettempdir()]),
@@ -113,13 +116,32 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 def run_worker(server: Server, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
                log: Path | None = None) -> int:
+    """Run a (``--burst``) worker to its end; one still running after `timeout` s is made to dump its
+    threads' stacks (SIGABRT, faulthandler), killed, and failed with the end of its log."""
     proc = start_worker(server, *args, env=env, log=log)
     try:
         return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        tail = log.read_text(errors="replace")[-6000:] if log and log.exists() else "(no log kept)"
+        raise AssertionError(f"the worker {' '.join(args)} still ran after {timeout:.0f} s; "
+                             f"its log ends:\n{tail}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def refused_port() -> tuple[socket.socket, int]:
+    """A loopback port that refuses connections at once: bound (so nothing else takes it) but not
+    listening. Keep the socket open while the port is in use; close it after."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
 
 
 def new_token() -> str:

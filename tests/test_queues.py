@@ -15,7 +15,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 
 from backend.queue.queues import (PRIORITIES, enqueue_predictions, enqueue_unique, get_queue, get_queues, job_id_for, job_info, project_progress, queue_counts, queue_name)
 from backend.storage.result_cache import ResultCache, image_hash, ls_cache_tags
-from redis_servers import embedded_valkey, run_worker, server, start_worker, worker_env  # noqa: F401
+from redis_servers import embedded_valkey, refused_port, run_worker, server, start_worker, worker_env  # noqa: F401
 from conftest import horse_stems
 
 LABEL_CONFIG = """<View>
@@ -324,9 +324,11 @@ def test_label_studio_unreachable_is_retried_then_failed_with_reason(server, hor
     ResultCache(conn).put(task["id"], image_hash(photo.read_bytes()), ["horse"], "v1", stored)
     (job, _), = enqueue_predictions(conn, project=server.token, tasks=[task], label_config=LABEL_CONFIG,
                                     model_version="v1", push=True)
-    env = worker_env(server, LABEL_STUDIO_URL="http://127.0.0.1:1", LABEL_STUDIO_API_KEY="token",
+    sock, port = refused_port()
+    env = worker_env(server, LABEL_STUDIO_URL=f"http://127.0.0.1:{port}", LABEL_STUDIO_API_KEY="token",
                      TAG2MASK_RETRY_ATTEMPTS="2", TAG2MASK_RETRY_DELAY="0.05")
-    rc = run_worker(server, "--burst", "--name", f"{server.token}-w", env=env, log=tmp_path / "w.log")
+    with sock:
+        rc = run_worker(server, "--burst", "--name", f"{server.token}-w", env=env, log=tmp_path / "w.log")
     log = (tmp_path / "w.log").read_text()
     assert rc == 0, log[-3000:]
     job = Job.fetch(job.id, connection=conn)
