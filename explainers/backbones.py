@@ -67,7 +67,7 @@ class Backbone:
                 h, w = size
                 shrink = h * w < img.shape[0] * img.shape[1]
                 img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            batch.append(torch.from_numpy(np.ascontiguousarray(img)))
+            batch.append(torch.from_numpy(np.require(img, requirements=("C", "W"))))   # a read-only photo is copied
         x = torch.stack(batch).to(self.device).permute(0, 3, 1, 2).float()
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
