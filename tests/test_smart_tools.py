@@ -93,6 +93,35 @@ def test_the_cam_on_a_box_is_calibrated_on_its_crop():
     assert np.isfinite(cam_foreground(np.full((8, 8), np.nan, np.float32))).all()
 
 
+def test_the_colour_touch_up_keeps_to_its_trust_region(horses):
+    """GrabCut seeded by a box's mask: its re-cut stays in the box and replaces the mask only when the two
+    agree (IoU >= colour_agree); a mask it would redraw (half the box) comes back as given, and so does
+    every mask with the touch-up off."""
+    from dataclasses import replace
+
+    import cv2
+
+    from explainers.segment.interactive import PromptConfig, colour_touch_up
+
+    cfg = PromptConfig()
+    for image, gt in horses:
+        h, w = gt.shape
+        ys, xs = np.nonzero(gt)
+        box = (max(0, xs.min() - 10), max(0, ys.min() - 10), min(w, xs.max() + 11), min(h, ys.max() + 11))
+        inside = np.zeros_like(gt)
+        inside[box[1]:box[3], box[0]:box[2]] = True
+        loose = cv2.dilate(gt.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & inside
+        free = colour_touch_up(image, loose, box, replace(cfg, colour_agree=0.0))
+        assert free.any() and not (free & ~inside).any() and (free != loose).any()
+        out = colour_touch_up(image, loose, box, cfg)
+        assert out is loose or _iou(out, loose) >= cfg.colour_agree
+        assert _iou(out, gt) >= _iou(loose, gt) - 0.01
+        half = inside.copy()
+        half[:, (box[0] + box[2]) // 2:] = False
+        assert colour_touch_up(image, half, box, cfg) is half
+        assert colour_touch_up(image, loose, box, replace(cfg, colour_agree=None)) is loose
+
+
 def test_a_box_over_the_whole_photo_still_gives_the_object(engine, horses):
     """No context outside the box to learn the background from: the class prior decides."""
     from explainers.segment.interactive import Prompt, PromptSegmenter
