@@ -210,15 +210,19 @@ def _grab(image: np.ndarray, crop, box, positive, negative, prior, cfg: PromptCo
     if not (gc == cv2.GC_BGD).any() or not np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD)).any():
         fg = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))     # GrabCut needs both sides: nothing to learn
     else:
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        cv2.setRNGSeed(seed)
-        bgr = np.ascontiguousarray(small[:, :, ::-1])
-        cv2.grabCut(bgr, gc, None, bgd, fgd, cfg.iterations, cv2.GC_INIT_WITH_MASK)
-        fg = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+        fg = _grabcut(small, gc, cfg.iterations, seed)
     fg &= inside
     if (sh, sw) != (ch, cw):
         fg = cv2.resize(fg.astype(np.uint8), (cw, ch), interpolation=cv2.INTER_NEAREST).astype(bool)
     return fg
+
+
+def _grabcut(small: np.ndarray, gc: np.ndarray, iterations: int, seed: int = 0) -> np.ndarray:
+    """GrabCut on an RGB uint8 photo from the labels `gc` (cv2.GC_*, updated in place); bool foreground."""
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(seed)
+    cv2.grabCut(np.ascontiguousarray(small[:, :, ::-1]), gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    return (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
 
 
 def _fit(part: np.ndarray, crop, box) -> float:
@@ -252,7 +256,8 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
 
     h, w = image.shape[:2]
     wide, _ = _region(Prompt(box=box), h, w, replace(cfg, margin=cfg.feature_margin))
-    features = lambda fc: box_foreground(backbone, image[wide[1]:wide[3], wide[0]:wide[2]], _shift(box, wide), fc)
+    pixels, wbox = image[wide[1]:wide[3], wide[0]:wide[2]], _shift(box, wide)
+    features = lambda fc: box_foreground(backbone, pixels, wbox, fc)
     evidence = _in_region(prior, image.shape[:2], crop, wide) if use_prior else None
     in_crop = lambda m: m[crop[1] - wide[1]:crop[3] - wide[1], crop[0] - wide[0]:crop[2] - wide[0]].copy()
     part = None
@@ -269,7 +274,7 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
         if p is None:
             return None
         part = _crf_cut(image, wide, p, box, cfg)
-    part = in_crop(colour_touch_up(image[wide[1]:wide[3], wide[0]:wide[2]], part, _shift(box, wide), cfg))
+    part = in_crop(colour_touch_up(pixels, part, wbox, cfg))
     part[_disc(part.shape, local, 2)] = True
     return part
 
@@ -296,11 +301,7 @@ def colour_touch_up(crop: np.ndarray, mask: np.ndarray, box, cfg: PromptConfig) 
     if cfg.colour_sure > 0:
         kernel = np.ones((cfg.colour_sure, cfg.colour_sure), np.uint8)
         gc[cv2.erode(m.astype(np.uint8), kernel).astype(bool)] = cv2.GC_FGD
-    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.setRNGSeed(0)
-    cv2.grabCut(np.ascontiguousarray(small[:, :, ::-1]), gc, None, bgd, fgd, cfg.colour_iterations,
-                cv2.GC_INIT_WITH_MASK)
-    cut = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+    cut = _grabcut(small, gc, cfg.colour_iterations)
     cut = cv2.resize(cut.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & inside
     agree = (cut & mask).sum() / max(1, (cut | mask).sum())
     return cut if agree >= cfg.colour_agree else mask
