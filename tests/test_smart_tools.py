@@ -122,6 +122,30 @@ def test_the_colour_touch_up_keeps_to_its_trust_region(horses):
         assert colour_touch_up(image, loose, box, replace(cfg, colour_agree=None)) is loose
 
 
+def test_the_close_fills_notches_and_pinholes_and_takes_nothing(horses):
+    """close_gaps (a box's last step): a horse's true mask with pinholes and a notch 3 px wide punched in
+    comes back with them filled, never loses a pixel, and a gap wider than the disc stays open; radius 0
+    leaves the mask as it is."""
+    from explainers.segment.postprocess import close_gaps
+
+    for _, gt in horses:
+        ys, xs = np.nonzero(gt)
+        cy, cx = int(np.median(ys)), int(np.median(xs))
+        punched = gt.copy()
+        for dy, dx in ((0, 0), (8, 8), (-8, 6)):
+            punched[cy + dy, cx + dx] = False                  # pinholes inside the body
+        col = xs.min() + (xs.max() - xs.min()) // 2
+        rows = np.nonzero(gt[:, col])[0]
+        punched[rows.min():rows.min() + 12, col - 1:col + 2] = False   # a notch 3 px wide from the top
+        wide = gt.copy()
+        wide[:, col + 20:col + 40] = False                     # a gap of 20 px: the disc cannot bridge it
+        out = close_gaps(punched, 2)
+        assert not (punched & ~out).any()
+        assert out[cy, cx] and out[cy + 8, cx + 8] and out[rows.min() + 6, col]
+        assert not close_gaps(wide, 2)[:, col + 25:col + 35].any()
+        assert close_gaps(punched, 0) is punched
+
+
 def test_a_box_over_the_whole_photo_still_gives_the_object(engine, horses):
     """No context outside the box to learn the background from: the class prior decides."""
     from explainers.segment.interactive import Prompt, PromptSegmenter

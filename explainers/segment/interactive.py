@@ -21,7 +21,8 @@ photo's pixels. :class:`PromptSegmenter` turns a photo, a prompt and, optionally
    CRF. Without a backbone, GrabCut's colour models (sure background outside the box). A box over the
    whole photo leaves no context to learn the background from: the CAM's foreground through the CRF then.
 4. **Colour touch-up** of a box's mask (:func:`colour_touch_up`): GrabCut seeded by the mask re-cuts
-   it, and the re-cut is kept when it agrees with the mask (IoU >= ``colour_agree``).
+   it, and the re-cut is kept when it agrees with the mask (IoU >= ``colour_agree``); then a
+   morphological close (a disc of ``close_radius`` px) fills the outline's notches and pinholes.
 5. **Clean-up.** Components that hold a positive click are kept; without clicks, components smaller
    than ``min_component`` x the largest are dropped. A negative click then removes its region: the
    part of the mask that GrabCut, seeded at that click, takes for one object.
@@ -48,7 +49,7 @@ from explainers.metrics import box_iou, mask_to_box
 from explainers.segment.box_features import FeatureConfig
 from explainers.segment.config import CRFConfig, GeometryConfig
 from explainers.segment.geometry import mask_geometry
-from explainers.segment.postprocess import remove_islands
+from explainers.segment.postprocess import close_gaps, remove_islands
 from explainers.segment.types import TagMask
 
 __all__ = ["Prompt", "PromptConfig", "PromptSegmenter", "cam_foreground", "colour_touch_up", "prompt_mask"]
@@ -105,6 +106,8 @@ class PromptConfig:
     #                                    trust region for an outline touch-up; None: off
     colour_sure: int = 5         # ...the mask eroded by this (px of ``work_side``) is sure foreground
     colour_iterations: int = 2   # ...GrabCut's iterations (3 gave the same on the dev objects, at more time)
+    close_radius: int = 2        # a box's mask then closed with a disc of this radius (the photo's px; 0: off):
+    #                              notches and pinholes of the outline filled, nothing outside the box
     click_grow: float = 0.15     # a click on a tag with a prior: the box of the photo mask's part it hits, grown
     #                              by this
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
@@ -274,7 +277,7 @@ def _box_mask(image, crop, box, positive, prior, cfg: PromptConfig, backbone, ti
         if p is None:
             return None
         part = _crf_cut(image, wide, p, box, cfg)
-    part = in_crop(colour_touch_up(pixels, part, wbox, cfg))
+    part = in_crop(_in_box(close_gaps(colour_touch_up(pixels, part, wbox, cfg), cfg.close_radius), wbox))
     part[_disc(part.shape, local, 2)] = True
     return part
 
@@ -305,6 +308,13 @@ def colour_touch_up(crop: np.ndarray, mask: np.ndarray, box, cfg: PromptConfig) 
     cut = cv2.resize(cut.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & inside
     agree = (cut & mask).sum() / max(1, (cut | mask).sum())
     return cut if agree >= cfg.colour_agree else mask
+
+
+def _in_box(mask: np.ndarray, box) -> np.ndarray:
+    """`mask` with nothing outside `box` (x0, y0, x1, y1 in its pixels)."""
+    out = np.zeros_like(mask)
+    out[box[1]:box[3], box[0]:box[2]] = mask[box[1]:box[3], box[0]:box[2]]
+    return out
 
 
 def _shift(box, region) -> tuple[int, int, int, int]:

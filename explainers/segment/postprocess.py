@@ -51,13 +51,23 @@ def fill_holes(mask: np.ndarray, max_hole: float, allowed: np.ndarray | None = N
     return filled
 
 
+def _disc(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def close_gaps(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological close with a disc of `radius` pixels: notches and gaps narrower than the disc
+    filled, nothing taken away (the mask unchanged for `radius` <= 0)."""
+    if radius <= 0:
+        return mask
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disc(radius)).astype(bool)
+
+
 def smooth(mask: np.ndarray, radius: int) -> np.ndarray:
     """Morphological open then close with a disc of `radius` pixels."""
     if radius <= 0:
         return mask
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    m = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, k)
-    return cv2.morphologyEx(m, cv2.MORPH_CLOSE, k).astype(bool)
+    return close_gaps(cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, _disc(radius)).astype(bool), radius)
 
 
 def clean_mask(mask: np.ndarray, cfg: PostprocessConfig, allowed: np.ndarray | None = None) -> np.ndarray:
