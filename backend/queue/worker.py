@@ -150,8 +150,10 @@ def run_worker(priorities: Sequence[str] | None = None, *, device: str | None = 
     connection = connection or get_connection()
     wait_until_up(connection, timeout=settings.redis_wait)
     if preload:   # the engine Label Studio tasks use (backend.serving.model), on the worker's settings
-        from backend.serving.engine import get_engine
+        from backend.serving.engine import get_engine, warm_smart_tools
         get_engine(settings)
+        if priorities is None or "interactive" in priorities:     # and the backbones of a smart tool's box
+            warm_smart_tools(settings)
     stop = stop or threading.Event()
     worked = False
     generation = quick_restarts = 0

@@ -81,6 +81,17 @@ def get_engine(settings: Settings):
     return entry[1], _INFER_LOCK
 
 
+def warm_smart_tools(settings: Settings) -> None:
+    """Load the backbones whose CAMs a smart tool's box averages with the engine's
+    (``PromptConfig.cam_ensemble``) into the process's engine, so the first box an annotator draws
+    does not wait for them (about 2 s on 2 CPU threads; their weights stay in memory)."""
+    from explainers.segment.interactive import PromptConfig
+
+    engine, lock = get_engine(settings)
+    with lock:
+        engine.ensemble.stages(PromptConfig().cam_ensemble)
+
+
 def engine_on(backbone, preset: str):
     """(An engine on `backbone` with `preset`'s pipeline, the inference lock): the process's engine of
     that device when it runs on this very backbone with this preset, else a new one on `backbone`

@@ -86,7 +86,7 @@ from backend.labelstudio.config import (
     LabelConfigError,
     parse_label_config,
 )
-from backend.serving.engine import engine_loaded, get_engine
+from backend.serving.engine import engine_loaded, get_engine, warm_smart_tools
 from backend.serving.model import Tag2MaskModel
 from backend.settings import Settings
 from backend.storage.connection import RedisUnavailable
@@ -419,6 +419,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             gc.disable()
             try:
                 get_engine(settings)
+                warm_smart_tools(settings)
                 gc.freeze()
             except Exception as exc:  # noqa: BLE001 - reported; /predict will try again and report per task
                 log.exception("model warm-up failed")

@@ -27,6 +27,11 @@ class CAMEnsemble:
         self.config = config
         self._loaded: dict[str, CAMStage] = {}
 
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The names of the extra backbones loaded so far."""
+        return tuple(self._loaded)
+
     def stages(self, names: Sequence[str]) -> list[CAMStage]:
         """The CAM stages of the backbones `names` (loaded on first use; the engine's own left out)."""
         for name in names:
