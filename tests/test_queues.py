@@ -60,6 +60,31 @@ def test_priority_order_and_failures_kept(server, tmp_path):
     assert counts[queue_name("batch")]["failed"] == 1 and counts[queue_name("batch")]["finished"] == 2
 
 
+def test_a_worker_unsubscribes_at_once_even_when_its_pubsub_thread_waits(server):
+    """A worker's end: its command-channel thread, once it has seen the unsubscription, waits up to
+    RQ's 60 s for a new one; unsubscribing must not wait for that (with RQ's own unsubscribe and
+    redis-py 8.2 it did, and --burst workers outlived their last job by a minute)."""
+    from backend.queue.worker import make_worker
+
+    worker = make_worker(server.client(), ["batch"])
+    worker.subscribe()
+    thread = worker.pubsub_thread
+    deadline = time.monotonic() + 10
+    while not worker.pubsub.subscribed:           # the thread has read the subscription's reply
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.pubsub.unsubscribe()                  # the thread reads this reply, then waits (the race CI hit)
+    while worker.pubsub.subscribed:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    t = time.monotonic()
+    worker.unsubscribe()
+    worker.unsubscribe()                         # idempotent (run_worker's finally calls it again)
+    assert time.monotonic() - t < 5
+    assert worker.pubsub_thread is None and thread.daemon
+
+
 def test_same_work_enqueued_twice_is_one_job(server):
     conn = server.client()
     queue = get_queue("batch", conn)

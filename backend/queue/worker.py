@@ -66,6 +66,24 @@ class Tag2MaskWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_heartbeat_ttl
 
+    def unsubscribe(self):
+        """RQ's unsubscribe from the worker's command channel, with the wait for the pub/sub thread
+        bounded (1 s; it is a daemon thread). redis-py 8.2's ``PubSubWorkerThread.stop()`` joins the
+        thread without a timeout, and a thread that has already seen the unsubscription waits up to
+        RQ's ``sleep_time`` (60 s) for a new subscription before it looks at the stop: a ``--burst``
+        worker then outlived its last job by a minute (seen in CI). Idempotent."""
+        thread, self.pubsub_thread = self.pubsub_thread, None
+        if not thread:
+            return
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub.unsubscribe()
+        try:
+            thread.stop(timeout=1)      # redis-py >= 8.2: stop() joins the thread
+        except TypeError:               # older: stop() only clears the run flag
+            thread.stop()
+        thread.join(timeout=1)
+        self.pubsub.close()
+
     @property
     def shutdown_requested(self) -> bool:
         """SIGTERM/SIGINT (warm or cold shutdown) was received."""
