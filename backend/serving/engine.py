@@ -84,7 +84,8 @@ def get_engine(settings: Settings):
 def warm_smart_tools(settings: Settings) -> None:
     """Load the backbones whose CAMs a smart tool's box averages with the engine's
     (``PromptConfig.cam_ensemble``) into the process's engine, so the first box an annotator draws
-    does not wait for them (about 2 s on 2 CPU threads; their weights stay in memory)."""
+    does not wait for them (0.2 s on an idle machine, seconds on a busy one; their weights stay in
+    memory)."""
     from explainers.segment.interactive import PromptConfig
 
     engine, lock = get_engine(settings)
