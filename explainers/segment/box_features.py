@@ -109,18 +109,29 @@ def box_foreground(backbone, crop: np.ndarray, box: tuple[int, int, int, int],
     return cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def working_view(crop: np.ndarray, box: tuple[int, int, int, int], work_side: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the crop with its long side at `work_side` px (never enlarged), the box's pixels at that size,
+    the box's pixels at the crop's size): what :func:`crf_refine` and the colour touch-up
+    (:func:`explainers.segment.interactive.colour_touch_up`) work on."""
+    h, w = crop.shape[:2]
+    s = min(1.0, work_side / max(h, w))
+    sh, sw = max(1, round(h * s)), max(1, round(w * s))
+    small = cv2.resize(np.ascontiguousarray(crop), (sw, sh), interpolation=cv2.INTER_AREA) if s < 1 else crop
+    inside = np.zeros((h, w), bool)
+    inside[box[1]:box[3], box[0]:box[2]] = True
+    small_inside = cv2.resize(inside.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return small, small_inside, inside
+
+
 def crf_refine(crop: np.ndarray, p: np.ndarray, box: tuple[int, int, int, int], cfg: CRFConfig,
                work_side: int = 320) -> np.ndarray:
     """Bool (h, w) mask of the crop: the dense CRF over foreground `p` (clipped to [0.02, 0.98]) and its
     complement at `work_side` px, nothing outside `box`."""
     h, w = p.shape
-    s = min(1.0, work_side / max(h, w))
-    sh, sw = max(1, round(h * s)), max(1, round(w * s))
-    small = cv2.resize(np.ascontiguousarray(crop), (sw, sh), interpolation=cv2.INTER_AREA) if s < 1 else crop
+    small, small_inside, inside = working_view(crop, box, work_side)
+    sh, sw = small_inside.shape
     q = cv2.resize(np.clip(p, 0.02, 0.98).astype(np.float32), (sw, sh), interpolation=cv2.INTER_LINEAR)
-    inside = np.zeros((h, w), bool)
-    inside[box[1]:box[3], box[0]:box[2]] = True
-    small_inside = cv2.resize(inside.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
     q[~small_inside] = 0.001
     out = dense_crf(np.ascontiguousarray(small), np.stack([1.0 - q, q]), cfg)
     mask = cv2.resize((out[1] >= 0.5).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)

@@ -288,16 +288,14 @@ def colour_touch_up(crop: np.ndarray, mask: np.ndarray, box, cfg: PromptConfig) 
     foreground, the rest of the box probable fore- or background as the mask says. The re-cut replaces
     the mask only when the two agree (IoU >= ``colour_agree``): the touch-up moves an outline, it
     never redraws the object (on the dev objects larger changes were as often worse as better)."""
+    from explainers.segment.box_features import working_view
+
     if cfg.colour_agree is None or not mask.any():
         return mask
     h, w = mask.shape
-    s = min(1.0, cfg.work_side / max(h, w))
-    sh, sw = max(1, round(h * s)), max(1, round(w * s))
-    small = cv2.resize(crop, (sw, sh), interpolation=cv2.INTER_AREA) if s < 1 else crop
-    shrink = lambda m: cv2.resize(m.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
-    inside = np.zeros((h, w), bool)
-    inside[box[1]:box[3], box[0]:box[2]] = True
-    m, small_inside = shrink(mask), shrink(inside)
+    small, small_inside, inside = working_view(crop, box, cfg.work_side)
+    sh, sw = small_inside.shape
+    m = cv2.resize(mask.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
     if small_inside.all() or not m.any():              # no background to learn colours from
         return mask
     gc = np.where(small_inside, np.where(m, cv2.GC_PR_FGD, cv2.GC_PR_BGD), cv2.GC_BGD).astype(np.uint8)
