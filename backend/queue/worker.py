@@ -81,7 +81,7 @@ class Tag2MaskWorker(SimpleWorker):
             thread.stop(timeout=1)      # redis-py >= 8.2: stop() joins the thread
         except TypeError:               # older: stop() only clears the run flag
             thread.stop()
-        thread.join(timeout=1)
+            thread.join(timeout=1)
         self.pubsub.close()
 
     @property
